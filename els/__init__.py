@@ -1,0 +1,36 @@
+"""Equivariant Local Score machines (Kamb & Ganguli, arXiv 2412.20292): analytic diffusion samplers
+that denoise each pixel with a softmax over training-set patches.
+
+Public API: `score`, `sample`, `PatchIndex` (+ `build_indexes`, `denoise`, `sample_reverse`).
+"""
+
+from .api import Trajectory, build_indexes, sample
+from .index import MACHINES, PatchIndex, PatchIndexError
+from .machines import (
+    Provenance,
+    bbels_score,
+    denoise,
+    els_score,
+    ideal_score,
+    ls_score,
+    score,
+)
+from .sampler import sample_reverse
+
+__all__ = [
+    "MACHINES",
+    "PatchIndex",
+    "PatchIndexError",
+    "Provenance",
+    "Trajectory",
+    "bbels_score",
+    "build_indexes",
+    "denoise",
+    "els_score",
+    "ideal_score",
+    "ls_score",
+    "sample",
+    "sample_reverse",
+    "score",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,105 @@
+"""`els.sample`: a machine's reverse process from given noise, with indexes built or reused."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .index import MACHINES, PatchIndex, PatchIndexError, check_patch_size
+from .machines import Provenance, denoise
+from .sampler import sample_reverse
+from .scales import validate_scales
+
+
+@dataclass
+class Trajectory:
+    """Per reverse step (in the order run, t decreasing): t, k, x after the step, the denoised image,
+    and the provenance of the denoised image when asked for. Tensors are on the CPU."""
+
+    t: list[float] = field(default_factory=list)
+    k: list[int] = field(default_factory=list)
+    x: list[torch.Tensor] = field(default_factory=list)
+    denoised: list[torch.Tensor] = field(default_factory=list)
+    provenance: list[Provenance] = field(default_factory=list)
+
+
+def schedule_patch_sizes(kind: str, scales: Sequence[int]) -> list[int]:
+    """The distinct patch sizes a schedule uses (scales[0] never is); [0] for the ideal score."""
+    return [0] if kind == "ideal" else sorted(set(scales[1:]))
+
+
+def build_indexes(kind: str, train: torch.Tensor, scales: Sequence[int], **build_options):
+    """One PatchIndex per distinct patch size used by the schedule."""
+    return {
+        k: PatchIndex.build(train, kind, k, **build_options)
+        for k in schedule_patch_sizes(kind, scales)
+    }
+
+
+def sample(
+    kind: str,
+    train: torch.Tensor | None,
+    scales: Sequence[int],
+    noise: torch.Tensor,
+    *,
+    indexes: Mapping[int, PatchIndex] | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    memory_budget: int | None = None,
+    return_trajectory: bool = False,
+    provenance: bool = False,
+    callback=None,
+    disable: bool | None = None,
+):
+    """Sample with machine `kind` from noise [B, C, H, W], patch size scales[i] at step i.
+
+    train: [N, C, H, W] uint8 or float in [-1, 1] (may be None when `indexes` covers every k).
+    indexes: prebuilt PatchIndex per k (from build_indexes or PatchIndex.load) to reuse across calls.
+    Returns the final images [B, C, H, W] (dtype, on device), or (images, Trajectory) with
+    return_trajectory=True; provenance=True also records each step's Provenance in the trajectory.
+    """
+    if kind not in MACHINES:
+        raise PatchIndexError(f"unknown machine {kind!r}; expected one of {', '.join(MACHINES)}")
+    scales = validate_scales(scales, source="scales")
+    device = torch.device(device) if device is not None else noise.device
+    x = noise.to(device=device, dtype=dtype)
+    H, W = x.shape[-2:]
+    needed = schedule_patch_sizes(kind, scales)
+    for k in needed:
+        if kind != "ideal":
+            check_patch_size(kind, k, H, W)
+    indexes = dict(indexes or {})
+    missing = [k for k in needed if k not in indexes]
+    if missing:
+        if train is None:
+            raise PatchIndexError(f"no index given for k={missing} and no training images")
+        indexes.update({k: PatchIndex.build(train, kind, k) for k in missing})
+    on_device = {k: indexes[k].to(device) for k in needed}
+    for k in needed:
+        on_device[k].check(kind, k)
+
+    def denoiser(x, t, k):
+        idx = on_device[0 if kind == "ideal" else k]
+        out = denoise(idx, x, t, memory_budget=memory_budget, return_provenance=provenance)
+        return (out[0], {"provenance": out[1]}) if provenance else out
+
+    trajectory = Trajectory() if return_trajectory else None
+
+    def record(step):
+        if trajectory is not None:
+            trajectory.t.append(step["t"])
+            trajectory.k.append(step["k"])
+            trajectory.x.append(step["x"].cpu())
+            trajectory.denoised.append(step["denoised"].cpu())
+            if provenance:
+                p = step["provenance"]
+                trajectory.provenance.append(
+                    Provenance(*(getattr(p, f).cpu() for f in Provenance.__dataclass_fields__))
+                )
+        if callback is not None:
+            callback(step)
+
+    out = sample_reverse(denoiser, x, scales, callback=record, disable=disable)
+    return (out, trajectory) if return_trajectory else out

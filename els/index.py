@@ -1,0 +1,459 @@
+"""PatchIndex: the candidate sets of one machine at one patch size, built once, saved, loaded, reused.
+
+A machine's score at pixel i is a softmax over a candidate set that depends on i. Pixels that share a
+candidate set form a *group*; groups of the same shape form a *family* that is computed in one batched
+product. For a training set of N images, patch size k (d = k // 2) and H x W images:
+
+| machine | family   | groups G          | queries per group        | candidates per group                  |
+|---------|----------|-------------------|--------------------------|---------------------------------------|
+| ideal   | whole    | 1                 | the whole image          | every training image                   |
+| ls      | local    | H*W               | pixel i                  | the patch at i of every image (zero pad)|
+| els     | interior | 1                 | every pixel (circular)   | every fully-inside patch               |
+| bbels   | interior | 1                 | interior pixels          | every fully-inside patch               |
+| bbels   | rows     | edge rows         | interior cols of row r   | zero-padded patches on row r, interior cols |
+| bbels   | cols     | edge cols         | interior rows of col c   | zero-padded patches on col c, interior rows |
+| bbels   | corners  | corner pixels     | that pixel               | the patch at that pixel of every image  |
+
+(bbELS with k >= H and k >= W has only corners: it is LS, as the spec says.)
+
+Candidates are stored implicitly (the training images, uint8 when they are 8-bit, plus per-candidate
+squared norms) and unfolded chunk by chunk at sampling time: an explicit copy would repeat every pixel k^2
+times (0.4 GB per FashionMNIST class at k=17). Where identical patches are common (small k: the
+background), a family also stores its *unique* patches with their multiplicities: a candidate repeated n
+times enters the softmax once with log-weight + log n, which is exact.
+
+Candidate ids: in a family with S candidate positions per image, candidate (image j, position s) has id
+j * S + s; `source_of` maps ids back to (image, row, col) of the patch centre, for provenance.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .softmax import CandidateChunk
+
+MACHINES = ("ideal", "ls", "els", "bbels")
+FORMAT_VERSION = 1
+# code value of an 8-bit pixel u is 2u - 255, so that the zero padding (0.0 in [-1, 1]) is the code 0
+# and the float value is code / 255 exactly as ToTensor + Normalize(0.5, 0.5) gives u / 127.5 - 1.
+_CODE_SCALE = 255.0
+
+
+class PatchIndexError(ValueError):
+    """A patch index that does not fit the request, or a file that is not a valid index."""
+
+
+def images_fingerprint(images: torch.Tensor) -> str:
+    """sha256 of a training set's dtype, shape and bytes: ties an index to the images it was built from."""
+    images = images.detach().cpu().contiguous()
+    h = hashlib.sha256(f"{images.dtype}|{tuple(images.shape)}|".encode())
+    h.update(images.view(torch.uint8).numpy().tobytes() if images.numel() else b"")
+    return h.hexdigest()
+
+
+def to_float(images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 images -> [-1, 1] (u / 127.5 - 1, computed as (2u - 255) / 255); float images unchanged."""
+    if images.dtype == torch.uint8:
+        return (images.to(torch.int16) * 2 - 255).to(dtype) / _CODE_SCALE
+    return images.to(dtype)
+
+
+def _codes_to_float(codes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if codes.dtype == torch.int16:
+        return codes.to(dtype) / _CODE_SCALE
+    return codes.to(dtype)
+
+
+def _flat(rows, cols, width: int) -> list[int]:
+    return [r * width + c for r in rows for c in cols]
+
+
+@dataclass
+class Family:
+    """Groups of query pixels that share one candidate set each; see the module docstring.
+
+    rect = (r0, r1, c0, c1): the candidate patch centres lie in this rectangle of the image;
+    cand_pos [G, S]: flat positions in the rectangle's grid (None: every position, G must be 1);
+    query_pos [G, P]: flat pixel indices into H*W of the queries of each group.
+    """
+
+    name: str
+    query_pos: torch.Tensor
+    rect: tuple[int, int, int, int]
+    cand_pos: torch.Tensor | None
+    sq_norms: torch.Tensor | None = None  # [G, N*S] (implicit candidates), float64
+    unique: torch.Tensor | None = None  # [G, U, D] codes (int16 for 8-bit images) or floats
+    unique_log_mult: torch.Tensor | None = None  # [G, U], -inf marks padding
+    unique_sq_norms: torch.Tensor | None = None  # [G, U] float64
+    unique_source: torch.Tensor | None = None  # [G, U] id of the first occurrence
+
+    @property
+    def groups(self) -> int:
+        return self.query_pos.shape[0]
+
+    @property
+    def positions_per_image(self) -> int:
+        if self.name == "whole":
+            return 1
+        r0, r1, c0, c1 = self.rect
+        return (r1 - r0) * (c1 - c0) if self.cand_pos is None else self.cand_pos.shape[1]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        names = ["query_pos", "cand_pos", "sq_norms", "unique", "unique_log_mult"]
+        names += ["unique_sq_norms", "unique_source"]
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+
+def machine_families(machine: str, k: int, height: int, width: int) -> list[Family]:
+    """The families (query groups and candidate positions) of a machine; see the module docstring."""
+    if machine not in MACHINES:
+        raise PatchIndexError(f"unknown machine {machine!r}; expected one of {', '.join(MACHINES)}")
+    H, W = height, width
+    if machine == "ideal":
+        return [Family("whole", torch.zeros(1, 1, dtype=torch.long), (0, H, 0, W), None)]
+    check_patch_size(machine, k, H, W)
+    d = k // 2
+    every = list(range(H * W))
+    if machine == "ls":
+        pos = torch.tensor(every).unsqueeze(1)
+        return [Family("local", pos, (0, H, 0, W), pos.clone())]
+    inner_rows, inner_cols = range(d, H - d), range(d, W - d)
+    if machine == "els":
+        return [Family("interior", torch.tensor([every]), (d, H - d, d, W - d), None)]
+    edge_rows = [r for r in range(H) if r < d or r >= H - d]
+    edge_cols = [c for c in range(W) if c < d or c >= W - d]
+    families = []
+    if len(inner_rows) and len(inner_cols):
+        query = torch.tensor([_flat(inner_rows, inner_cols, W)])
+        families.append(Family("interior", query, (d, H - d, d, W - d), None))
+    if edge_rows and len(inner_cols):
+        query = torch.tensor([_flat([r], inner_cols, W) for r in edge_rows])
+        n_cols = len(inner_cols)
+        cand = torch.tensor([_flat([r], range(n_cols), n_cols) for r in edge_rows])
+        families.append(Family("rows", query, (0, H, d, W - d), cand))
+    if edge_cols and len(inner_rows):
+        query = torch.tensor([_flat(inner_rows, [c], W) for c in edge_cols])
+        cand = torch.tensor([_flat(range(len(inner_rows)), [c], W) for c in edge_cols])
+        families.append(Family("cols", query, (d, H - d, 0, W), cand))
+    corners = [r * W + c for r in edge_rows for c in edge_cols]
+    if corners:
+        pos = torch.tensor(corners).unsqueeze(1)
+        families.append(Family("corners", pos, (0, H, 0, W), pos.clone()))
+    return families
+
+
+def check_patch_size(machine: str, k, height: int, width: int) -> None:
+    """A patch size must be a positive odd int; ELS also needs k <= H and k <= W."""
+    if isinstance(k, bool) or not isinstance(k, int) or k <= 0 or k % 2 == 0:
+        raise PatchIndexError(
+            f"patch size k={k!r} for machine {machine!r}: must be a positive odd int"
+        )
+    if machine == "els" and (k > height or k > width):
+        raise PatchIndexError(
+            f"patch size k={k} is larger than the {height}x{width} image: the ELS machine needs "
+            f"candidate patches that fit inside the image (k <= {min(height, width)})"
+        )
+
+
+def query_padding(machine: str) -> str:
+    """ELS pads circularly (it models circular-padded CNNs); the others pad with zeros."""
+    return "circular" if machine == "els" else "constant"
+
+
+class PatchIndex:
+    """The candidate sets of one machine at one patch size for one training set.
+
+    Build once with `PatchIndex.build(images, machine, k)`, `save(path)`, `PatchIndex.load(path)`; the
+    score functions and the sampler only read it. images: uint8 [N, C, H, W] (8-bit pixels, the
+    pipeline's prepared data) or float [N, C, H, W] in [-1, 1].
+    """
+
+    def __init__(
+        self,
+        machine: str,
+        k: int,
+        images: torch.Tensor,
+        families: list[Family],
+        fingerprint: str | None = None,
+    ):
+        self.machine = machine
+        self.k = k
+        self.images = images
+        self.families = families
+        self.fingerprint = fingerprint or images_fingerprint(images)
+
+    # ----------------------------------------------------------------------------- building
+    @classmethod
+    def build(
+        cls,
+        images: torch.Tensor,
+        machine: str,
+        k: int | None = None,
+        *,
+        dedup: bool | str = "auto",
+        dedup_max_k: int = 7,
+        dedup_max_fraction: float = 0.75,
+        chunk_images: int = 256,
+    ) -> PatchIndex:
+        """Build the index of `machine` at patch size k (ignored for 'ideal').
+
+        dedup: True, False or 'auto' (try for k <= dedup_max_k, keep if at most dedup_max_fraction of
+        the candidates are distinct).
+        """
+        if images.dim() != 4:
+            raise PatchIndexError(
+                f"training images must be [N, C, H, W], got shape {tuple(images.shape)}"
+            )
+        if images.shape[0] == 0:
+            raise PatchIndexError("the training set is empty: a machine needs at least one image")
+        if not (images.dtype == torch.uint8 or images.is_floating_point()):
+            raise PatchIndexError(f"training images must be uint8 or float, got {images.dtype}")
+        images = images.detach().contiguous()
+        H, W = images.shape[-2:]
+        k = 0 if machine == "ideal" else k
+        families = machine_families(machine, k, H, W)
+        index = cls(machine, k, images, families)
+        for fam in families:
+            fam.sq_norms = index._implicit_sq_norms(fam, chunk_images)
+            want = dedup is True or (dedup == "auto" and machine != "ideal" and k <= dedup_max_k)
+            if want:
+                index._try_dedup(fam, 1.0 if dedup is True else dedup_max_fraction)
+        return index
+
+    def _unfold_family(self, fam: Family, images: torch.Tensor) -> torch.Tensor:
+        """Candidates of a family for a batch of float images, [G, n*S, D], in id order."""
+        n, C = images.shape[:2]
+        if fam.name == "whole":
+            return images.reshape(1, n, -1)
+        k, d = self.k, self.k // 2
+        r0, r1, c0, c1 = fam.rect
+        padded = F.pad(images, (d, d, d, d)) if d else images
+        crop = padded[:, :, r0 : r1 + 2 * d, c0 : c1 + 2 * d]
+        cols = F.unfold(crop, k)  # [n, D, positions of the rect]
+        G = fam.groups
+        if fam.cand_pos is None:
+            return cols.transpose(1, 2).reshape(1, -1, cols.shape[1])
+        S = fam.cand_pos.shape[1]
+        cols = cols[:, :, fam.cand_pos.reshape(-1).to(cols.device)]
+        return cols.view(n, -1, G, S).permute(2, 0, 3, 1).reshape(G, n * S, -1)
+
+    def _implicit_sq_norms(self, fam: Family, chunk_images: int) -> torch.Tensor:
+        parts = []
+        for i in range(0, self.images.shape[0], chunk_images):
+            cand = self._unfold_family(
+                fam, to_float(self.images[i : i + chunk_images], torch.float64)
+            )
+            parts.append(cand.square().sum(dim=2))
+        return torch.cat(parts, dim=1)
+
+    def _try_dedup(self, fam: Family, max_fraction: float) -> None:
+        # exact duplicates are found on integer codes (8-bit images) or on the floats themselves
+        if self.images.dtype == torch.uint8:
+            codes = self._unfold_family(fam, to_float(self.images, torch.float32) * _CODE_SCALE)
+            codes = codes.round().to(torch.int16)
+        else:
+            codes = self._unfold_family(fam, self.images)
+        G, M, D = codes.shape
+        uniques, counts, firsts = [], [], []
+        for g in range(G):
+            u, inverse, count = torch.unique(
+                codes[g], dim=0, return_inverse=True, return_counts=True
+            )
+            first = torch.full((u.shape[0],), M, dtype=torch.long)
+            first.scatter_reduce_(0, inverse, torch.arange(M), reduce="amin")
+            # order unique patches by first occurrence: deterministic and close to the implicit order
+            order = torch.argsort(first)
+            uniques.append(u[order])
+            counts.append(count[order])
+            firsts.append(first[order])
+        U = max(u.shape[0] for u in uniques)
+        if U > max_fraction * M:
+            return
+        unique = codes.new_zeros((G, U, D))
+        log_mult = torch.full((G, U), float("-inf"), dtype=torch.float64)
+        source = torch.zeros((G, U), dtype=torch.long)
+        for g in range(G):
+            n = uniques[g].shape[0]
+            unique[g, :n] = uniques[g]
+            log_mult[g, :n] = counts[g].double().log()
+            source[g, :n] = firsts[g]
+        fam.unique, fam.unique_log_mult, fam.unique_source = unique, log_mult, source
+        fam.unique_sq_norms = _codes_to_float(unique, torch.float64).square().sum(dim=2)
+
+    # ----------------------------------------------------------------------------- reading
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return tuple(self.images.shape)
+
+    def candidate_count(self) -> int:
+        """Candidates per query group summed over families (before deduplication)."""
+        n = self.images.shape[0]
+        return sum(f.groups * n * f.positions_per_image for f in self.families)
+
+    def stored_candidate_count(self) -> int:
+        """Candidates the softmax actually visits (after deduplication)."""
+        n = self.images.shape[0]
+        return sum(
+            f.groups * (f.unique.shape[1] if f.unique is not None else n * f.positions_per_image)
+            for f in self.families
+        )
+
+    def chunks(
+        self, fam: Family, dtype: torch.dtype, device: torch.device, max_candidates: int
+    ) -> Iterator[CandidateChunk]:
+        """Candidate chunks of a family, at most max_candidates per group, converted to dtype on device."""
+        if fam.unique is not None:
+            U = fam.unique.shape[1]
+            step = max(1, max_candidates)
+            for u0 in range(0, U, step):
+                yield CandidateChunk(
+                    patches=_codes_to_float(fam.unique[:, u0 : u0 + step].to(device), dtype),
+                    sq_norms=fam.unique_sq_norms[:, u0 : u0 + step].to(device, dtype),
+                    log_mult=fam.unique_log_mult[:, u0 : u0 + step].to(device, dtype),
+                    first_id=u0,
+                )
+            return
+        S = fam.positions_per_image
+        step = max(1, max_candidates // S)
+        for i0 in range(0, self.images.shape[0], step):
+            imgs = to_float(self.images[i0 : i0 + step].to(device), dtype)
+            yield CandidateChunk(
+                patches=self._unfold_family(fam, imgs),
+                sq_norms=fam.sq_norms[:, i0 * S : (i0 + imgs.shape[0]) * S].to(device, dtype),
+                log_mult=None,
+                first_id=i0 * S,
+            )
+
+    def source_of(self, fam: Family, ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Candidate ids [G, P] of a family -> (image, row, col) of each candidate patch's centre."""
+        if fam.unique is not None:
+            src = fam.unique_source.to(ids.device)
+            ids = torch.gather(src, 1, ids)
+        if fam.name == "whole":
+            return ids, None, None
+        S = fam.positions_per_image
+        image, s = ids // S, ids % S
+        if fam.cand_pos is not None:
+            s = torch.gather(fam.cand_pos.to(ids.device), 1, s)
+        r0, _, c0, c1 = fam.rect
+        return image, r0 + s // (c1 - c0), c0 + s % (c1 - c0)
+
+    def to(self, device: torch.device | str) -> PatchIndex:
+        """This index with every tensor on `device` (itself if already there)."""
+        device = torch.device(device)
+        if self.images.device == device:
+            return self
+        families = []
+        for f in self.families:
+            moved = {n: t.to(device) for n, t in f.tensors().items()}
+            qp, cp = moved.pop("query_pos"), moved.pop("cand_pos", None)
+            families.append(Family(f.name, qp, f.rect, cp, **moved))
+        return PatchIndex(self.machine, self.k, self.images.to(device), families, self.fingerprint)
+
+    def check(self, machine: str, k: int | None = None, images: torch.Tensor | None = None) -> None:
+        """Refuse to use this index for another machine, patch size or training set."""
+        k = 0 if machine == "ideal" else k
+        if machine != self.machine or k != self.k:
+            raise PatchIndexError(
+                f"index is for machine {self.machine!r} at k={self.k}, not {machine!r} at k={k}"
+            )
+        if images is not None and images_fingerprint(images) != self.fingerprint:
+            raise PatchIndexError(
+                f"index ({self.machine}, k={self.k}) was built from another training set "
+                f"(fingerprint {self.fingerprint[:12]}... differs)"
+            )
+
+    # ----------------------------------------------------------------------------- files
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        out = {"images": self.images.cpu().contiguous()}
+        for i, fam in enumerate(self.families):
+            for name, t in fam.tensors().items():
+                out[f"family{i}.{name}"] = t.cpu().contiguous()
+        return out
+
+    @staticmethod
+    def _content_hash(tensors: dict[str, torch.Tensor]) -> str:
+        h = hashlib.sha256()
+        for name in sorted(tensors):
+            t = tensors[name]
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return h.hexdigest()
+
+    def save(self, path: str | Path) -> None:
+        """Write the index as safetensors (no pickle), atomically, with a content checksum."""
+        from safetensors.torch import save_file
+
+        tensors = self._tensors()
+        meta = {
+            "format": "els.PatchIndex",
+            "format_version": str(FORMAT_VERSION),
+            "machine": self.machine,
+            "k": str(self.k),
+            "fingerprint": self.fingerprint,
+            "families": json.dumps([[f.name, list(f.rect)] for f in self.families]),
+            "content_sha256": self._content_hash(tensors),
+        }
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata=meta)
+        tmp.replace(path)
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        *,
+        machine: str | None = None,
+        k: int | None = None,
+        images: torch.Tensor | None = None,
+        verify: bool = True,
+    ) -> PatchIndex:
+        """Read an index written by save(); refuse a corrupt file or one for another machine/k/images."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise PatchIndexError(f"patch index {path} does not exist")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
+        except Exception as err:  # safetensors raises several types for broken headers/data
+            raise PatchIndexError(
+                f"patch index {path} is not a readable safetensors file: {err}"
+            ) from err
+        if meta.get("format") != "els.PatchIndex":
+            raise PatchIndexError(f"{path} is not an els patch index (metadata format missing)")
+        if meta.get("format_version") != str(FORMAT_VERSION):
+            raise PatchIndexError(
+                f"{path} has index format {meta.get('format_version')}, this els reads "
+                f"{FORMAT_VERSION}: rebuild it"
+            )
+        if verify and cls._content_hash(tensors) != meta.get("content_sha256"):
+            raise PatchIndexError(
+                f"patch index {path} is corrupt: its content checksum does not match"
+            )
+        families = []
+        for i, (name, rect) in enumerate(json.loads(meta["families"])):
+            prefix = f"family{i}."
+            fields = {n[len(prefix) :]: t for n, t in tensors.items() if n.startswith(prefix)}
+            query_pos, cand_pos = fields.pop("query_pos"), fields.pop("cand_pos", None)
+            families.append(Family(name, query_pos, tuple(rect), cand_pos, **fields))
+        index = cls(meta["machine"], int(meta["k"]), tensors["images"], families)
+        if index.fingerprint != meta["fingerprint"]:
+            raise PatchIndexError(
+                f"patch index {path} is corrupt: its images do not match their fingerprint"
+            )
+        if machine is not None:
+            index.check(machine, k, images)
+        elif images is not None:
+            index.check(index.machine, index.k, images)
+        return index

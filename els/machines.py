@@ -1,0 +1,214 @@
+"""The four score machines: ideal (IS), local (LS), equivariant local (ELS), boundary-broken ELS (bbELS).
+
+Each machine computes, per pixel, the softmax-weighted mean of candidate centres (the denoised image m,
+the machine's estimate of E[x_0 | x_t]); the score is s = -(x - a_t m) / b_t^2. Which candidates compete
+for which pixel is the machine's PatchIndex; the arithmetic is els.softmax.streaming_softmax_mean.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .index import MACHINES, PatchIndex, PatchIndexError, query_padding
+from .schedule import noise_scale, signal_scale
+from .softmax import streaming_softmax_mean
+
+DEFAULT_MEMORY_BUDGET = 2 * 2**30  # bytes of chunk temporaries (logits, unfolded candidates)
+# logits per chunk: small enough to stay in cache between the product, the exp and the sums
+MAX_CHUNK_LOGITS = 2**21
+
+
+@dataclass
+class Provenance:
+    """Per pixel [B, H, W]: the dominant candidate's training image, the row and column of its patch
+    centre in that image, its softmax weight, and the effective number of candidates 1 / sum w^2."""
+
+    image: torch.Tensor
+    row: torch.Tensor
+    col: torch.Tensor
+    weight: torch.Tensor
+    n_eff: torch.Tensor
+
+
+def _check_time(t: float) -> None:
+    if not 0.0 < float(t) < 1.0:
+        raise ValueError(f"t={t} is outside (0, 1): the score is defined for 0 < t < 1")
+
+
+def _chunk_candidates(
+    index: PatchIndex, groups: int, queries: int, dim: int, centre: int, dtype, budget: int
+) -> int:
+    """Candidates per group per chunk from the memory budget and a cache-sized logits block."""
+    elt = torch.finfo(dtype).bits // 8
+    # per candidate and group: unfolded patch (twice: unfold then gather), logits and weights, centres
+    per_candidate = elt * groups * (2 * dim + 2 * queries + centre)
+    by_budget = max(1, budget // per_candidate)
+    by_cache = max(1, MAX_CHUNK_LOGITS // max(1, groups * queries))
+    # the implicit chunks hold whole images: never fewer candidates than one image's positions
+    return max(min(by_budget, by_cache), 1)
+
+
+def _group_major_to_batch(v: torch.Tensor, batch: int) -> torch.Tensor:
+    G = v.shape[0]
+    return v.view(G, batch, -1).permute(1, 0, 2).reshape(batch, -1)
+
+
+def denoise(
+    index: PatchIndex,
+    x: torch.Tensor,
+    t: float,
+    *,
+    memory_budget: int | None = None,
+    return_provenance: bool = False,
+):
+    """The machine's denoised image m(x, t) [B, C, H, W] (and Provenance if asked)."""
+    _check_time(t)
+    if x.dim() != 4:
+        raise ValueError(f"x must be [B, C, H, W], got shape {tuple(x.shape)}")
+    if tuple(x.shape[1:]) != tuple(index.images.shape[1:]):
+        raise ValueError(
+            f"x has image shape {tuple(x.shape[1:])}, the training set "
+            f"{tuple(index.images.shape[1:])}"
+        )
+    if not x.is_floating_point():
+        raise ValueError(f"x must be a float tensor, got {x.dtype}")
+    budget = memory_budget or DEFAULT_MEMORY_BUDGET
+    if x.is_cuda:
+        budget = min(budget, int(torch.cuda.mem_get_info(x.device)[0] * 0.6))
+    a, b = signal_scale(t), noise_scale(t)
+    b2 = b * b
+    B, C, H, W = x.shape
+    dtype, device = x.dtype, x.device
+
+    if index.machine == "ideal":
+        fam = index.families[0]
+        D = C * H * W
+        step = _chunk_candidates(index, 1, B, D, D, dtype, budget)
+        mean, stats = streaming_softmax_mean(
+            x.reshape(1, B, D),
+            index.chunks(fam, dtype, device, step),
+            a=a,
+            b2=b2,
+            centre_idx=None,
+            with_stats=return_provenance,
+        )
+        m = mean.reshape(B, C, H, W)
+        if not return_provenance:
+            return m
+        image, _, _ = index.source_of(fam, stats.best_id)
+        rows = torch.arange(H, device=device).view(1, H, 1).expand(B, H, W)
+        cols = torch.arange(W, device=device).view(1, 1, W).expand(B, H, W)
+        per_pixel = lambda v: v.reshape(B, 1, 1).expand(B, H, W)  # noqa: E731
+        prov = Provenance(
+            per_pixel(image), rows, cols, per_pixel(stats.best_weight), per_pixel(stats.n_eff)
+        )
+        return m, prov
+
+    k, d = index.k, index.k // 2
+    D = C * k * k
+    padded = F.pad(x, (d, d, d, d), mode=query_padding(index.machine)) if d else x
+    query_cols = F.unfold(padded, k)  # [B, D, H*W]: the patch centred on every pixel
+    centre_idx = torch.tensor([c * k * k + d * k + d for c in range(C)], device=device)
+    m = x.new_empty(B, C, H * W)
+    if return_provenance:
+        prov_maps = {n: torch.zeros(B, H * W, dtype=torch.long, device=device) for n in "irc"}
+        weight = x.new_zeros(B, H * W)
+        n_eff = x.new_zeros(B, H * W)
+    for fam in index.families:
+        G, per_group = fam.query_pos.shape
+        pos = fam.query_pos.to(device).reshape(-1)
+        queries = query_cols[:, :, pos].view(B, D, G, per_group).permute(2, 0, 3, 1)
+        queries = queries.reshape(G, B * per_group, D)
+        step = _chunk_candidates(index, G, B * per_group, D, C, dtype, budget)
+        mean, stats = streaming_softmax_mean(
+            queries,
+            index.chunks(fam, dtype, device, step),
+            a=a,
+            b2=b2,
+            centre_idx=centre_idx,
+            with_stats=return_provenance,
+        )
+        # [G, B*P, C] -> [B, C, G*P], the order of pos
+        m[:, :, pos] = mean.view(G, B, per_group, C).permute(1, 3, 0, 2).reshape(B, C, -1)
+        if return_provenance:
+            # [G, B*P] -> [B, G*P], the order of pos
+            sources = index.source_of(fam, stats.best_id)
+            for key, v in zip("irc", sources, strict=True):
+                prov_maps[key][:, pos] = _group_major_to_batch(v, B)
+            weight[:, pos] = _group_major_to_batch(stats.best_weight, B)
+            n_eff[:, pos] = _group_major_to_batch(stats.n_eff, B)
+    m = m.view(B, C, H, W)
+    if not return_provenance:
+        return m
+    shape = (B, H, W)
+    prov = Provenance(
+        prov_maps["i"].view(shape),
+        prov_maps["r"].view(shape),
+        prov_maps["c"].view(shape),
+        weight.view(shape),
+        n_eff.view(shape),
+    )
+    return m, prov
+
+
+def score_from_denoised(x: torch.Tensor, denoised: torch.Tensor, t: float) -> torch.Tensor:
+    """s = -(x - a_t m) / b_t^2."""
+    a, b = signal_scale(t), noise_scale(t)
+    return -(x - a * denoised) / (b * b)
+
+
+def _index_for(kind: str, train: torch.Tensor | None, k: int | None, index: PatchIndex | None):
+    if kind not in MACHINES:
+        raise PatchIndexError(f"unknown machine {kind!r}; expected one of {', '.join(MACHINES)}")
+    if index is not None:
+        index.check(kind, index.k if k is None else k)
+        return index
+    if train is None:
+        raise ValueError("give the training images (train) or a prebuilt PatchIndex (index)")
+    if kind != "ideal" and k is None:
+        raise PatchIndexError(f"machine {kind!r} needs a patch size k")
+    # a one-off call: deduplication would cost more than it saves
+    return PatchIndex.build(train, kind, k, dedup=False)
+
+
+def score(
+    kind: str,
+    x: torch.Tensor,
+    t: float,
+    train: torch.Tensor | None = None,
+    k: int | None = None,
+    *,
+    index: PatchIndex | None = None,
+    memory_budget: int | None = None,
+) -> torch.Tensor:
+    """s(x, t) of machine `kind` ('ideal', 'ls', 'els', 'bbels'), shape of x.
+
+    train: [N, C, H, W] uint8 (8-bit images) or float in [-1, 1]; k: odd patch size (ignored by 'ideal').
+    Pass a prebuilt `index` to reuse candidate work across calls.
+    """
+    idx = _index_for(kind, train, k, index)
+    m = denoise(idx.to(x.device), x, t, memory_budget=memory_budget)
+    return score_from_denoised(x, m, t)
+
+
+def ideal_score(x, t, train, **kw):
+    """IS: whole images against whole training images."""
+    return score("ideal", x, t, train, **kw)
+
+
+def ls_score(x, t, train, k, **kw):
+    """LS: each pixel's zero-padded patch against the same-position patch of every training image."""
+    return score("ls", x, t, train, k, **kw)
+
+
+def els_score(x, t, train, k, **kw):
+    """ELS: each pixel's circular-padded patch against every fully-inside training patch."""
+    return score("els", x, t, train, k, **kw)
+
+
+def bbels_score(x, t, train, k, **kw):
+    """bbELS: ELS in the interior, position-restricted candidates near the zero-padded border."""
+    return score("bbels", x, t, train, k, **kw)

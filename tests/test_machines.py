@@ -1,0 +1,213 @@
+"""Every machine against the loop implementation of the spec (tests/reference.py), float64."""
+
+import itertools
+
+import pytest
+import torch
+from reference import random_8bit_images, random_images, ref_denoise, ref_sample, ref_score
+
+import els
+from els.index import to_float
+
+RTOL = 1e-5
+PUBLISHED_KS = sorted({3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27})
+
+
+def assert_close(actual, expected, rtol=RTOL):
+    err = ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-12)).item()
+    assert err <= rtol, f"relative error {err:.3g} > {rtol}"
+
+
+# (H, W, C, N): square and non-square, grey and colour
+SHAPES = [(7, 7, 1, 4), (8, 10, 3, 3)]
+TIMES = [0.05, 0.5, 0.95]
+
+
+@pytest.mark.parametrize("H,W,C,N", SHAPES)
+@pytest.mark.parametrize("t", TIMES)
+def test_ideal_matches_loop(H, W, C, N, t):
+    train = random_images(N, C, H, W, seed=1)
+    x = random_images(2, C, H, W, seed=2)
+    assert_close(els.score("ideal", x, t, train), ref_score("ideal", x, t, train))
+
+
+@pytest.mark.parametrize("kind", ["ls", "els", "bbels"])
+@pytest.mark.parametrize("H,W,C,N", SHAPES)
+@pytest.mark.parametrize("k", [3, 5, 7, 9, 11])
+@pytest.mark.parametrize("t", TIMES)
+def test_local_machines_match_loop(kind, H, W, C, N, k, t):
+    train = random_images(N, C, H, W, seed=1)
+    x = random_images(2, C, H, W, seed=2)
+    if kind == "els" and (k > H or k > W):
+        with pytest.raises(els.PatchIndexError, match="larger than"):
+            els.score(kind, x, t, train, k)
+        return
+    assert_close(els.score(kind, x, t, train, k), ref_score(kind, x, t, train, k))
+
+
+@pytest.mark.parametrize("kind", ["ls", "bbels"])
+@pytest.mark.parametrize("k", PUBLISHED_KS)
+def test_every_published_k_on_a_small_image(kind, k):
+    # k from 3 to 27 on 6x6 images: interior, border, and k >= image size all happen
+    train = random_images(3, 2, 6, 6, seed=3)
+    x = random_images(1, 2, 6, 6, seed=4)
+    assert_close(els.score(kind, x, 0.3, train, k), ref_score(kind, x, 0.3, train, k))
+
+
+@pytest.mark.parametrize("k", [k for k in PUBLISHED_KS if k <= 15])
+def test_els_every_k_that_fits(k):
+    train = random_images(2, 1, 15, 15, seed=5)
+    x = random_images(1, 1, 15, 15, seed=6)
+    assert_close(els.score("els", x, 0.4, train, k), ref_score("els", x, 0.4, train, k))
+
+
+@pytest.mark.parametrize(
+    "kind,k", [("ideal", None), ("ls", 3), ("els", 3), ("bbels", 3), ("bbels", 5)]
+)
+@pytest.mark.parametrize("dedup", [False, True])
+def test_8bit_training_set_and_dedup_match_loop(kind, k, dedup):
+    train8 = random_8bit_images(5, 1, 8, 8, seed=7)
+    train = to_float(train8, torch.float64)
+    x = random_images(2, 1, 8, 8, seed=8)
+    index = els.PatchIndex.build(train8, kind, k, dedup=dedup)
+    if dedup and kind in ("els", "bbels") and k == 3:  # background patches repeat
+        assert index.stored_candidate_count() < index.candidate_count()
+    for t in (0.1, 0.7):
+        got = els.score(kind, x, t, index=index)
+        assert_close(got, ref_score(kind, x, t, train, k))
+
+
+@pytest.mark.parametrize("budget", [1, 10_000, 10**9])
+def test_chunking_never_changes_the_softmax(budget):
+    # a budget of 1 byte forces one training image per chunk: the streaming log-sum-exp must agree
+    train = random_images(5, 3, 8, 8, seed=9)
+    x = random_images(2, 3, 8, 8, seed=10)
+    for kind, k in [("ideal", None), ("ls", 5), ("els", 3), ("bbels", 5)]:
+        idx = els.PatchIndex.build(train, kind, k)
+        got = els.denoise(idx, x, 0.2, memory_budget=budget)
+        assert_close(got, ref_denoise(kind, x, 0.2, train, k))
+
+
+@pytest.mark.parametrize("kind,k", [("ideal", None), ("ls", 3), ("els", 3), ("bbels", 3)])
+def test_sampler_matches_loop_end_to_end(kind, k):
+    train = random_images(4, 1, 7, 7, seed=11)
+    noise = torch.randn(
+        2, 1, 7, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(12)
+    )
+    scales = [3, 3, 5, 3] if kind != "ideal" else [3, 3, 3, 3]
+    got = els.sample(kind, train, scales, noise, dtype=torch.float64, disable=True)
+    assert_close(got, ref_sample(kind, train, scales, noise))
+
+
+def test_sampler_trajectory_records_every_step():
+    train = random_images(3, 1, 7, 7, seed=13)
+    noise = torch.randn(1, 1, 7, 7, dtype=torch.float64)
+    scales = [3, 3, 5, 7]
+    final, traj = els.sample(
+        "bbels", train, scales, noise, dtype=torch.float64, return_trajectory=True, disable=True
+    )
+    assert traj.t == [3 / 4, 2 / 4, 1 / 4]
+    assert traj.k == [7, 5, 3]
+    assert len(traj.x) == len(traj.denoised) == 3
+    assert torch.equal(traj.x[-1], final)
+    # the last step lands on t = 0: the sample is the last denoised image
+    assert_close(final, traj.denoised[-1], rtol=1e-12)
+
+
+# ------------------------------------------------------------------------------------- properties
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_els_is_exactly_equivariant_to_circular_shifts(k):
+    train = random_images(4, 2, 8, 8, seed=14)
+    x = random_images(1, 2, 8, 8, seed=15)
+    s = els.score("els", x, 0.5, train, k)
+    for shift in [(1, 0), (0, 3), (2, 5)]:
+        shifted = els.score("els", torch.roll(x, shift, dims=(2, 3)), 0.5, train, k)
+        torch.testing.assert_close(
+            shifted, torch.roll(s, shift, dims=(2, 3)), rtol=1e-12, atol=1e-9
+        )
+
+
+def test_ls_with_huge_patches_is_the_ideal_score():
+    train = random_images(5, 1, 6, 6, seed=16)
+    x = random_images(2, 1, 6, 6, seed=17)
+    ideal = els.score("ideal", x, 0.5, train)
+    for k in (11, 13):  # k >= 2H - 1: every patch covers the whole image
+        assert_close(els.score("ls", x, 0.5, train, k), ideal, rtol=1e-10)
+
+
+def test_ideal_returns_the_nearest_training_image_at_small_t():
+    train = random_images(5, 1, 8, 8, seed=18)
+    t = 0.01
+    a = els.schedule.signal_scale(t)
+    x = a * train[3:4] + 0.001 * random_images(1, 1, 8, 8, seed=19)
+    m = els.denoise(els.PatchIndex.build(train, "ideal"), x, t)
+    torch.testing.assert_close(m, train[3:4], rtol=0, atol=1e-9)
+
+
+def test_bbels_equals_els_at_interior_pixels():
+    # same candidates, same queries: equal up to float64 rounding (chunking differs between the two)
+    train = random_images(4, 3, 9, 9, seed=20)
+    x = random_images(2, 3, 9, 9, seed=21)
+    for k in (3, 5):
+        d = k // 2
+        a = els.score("els", x, 0.4, train, k)[..., d : 9 - d, d : 9 - d]
+        b = els.score("bbels", x, 0.4, train, k)[..., d : 9 - d, d : 9 - d]
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_bbels_with_k_at_least_image_size_is_ls():
+    train = random_images(4, 1, 7, 7, seed=22)
+    x = random_images(1, 1, 7, 7, seed=23)
+    for k in (7, 9):
+        torch.testing.assert_close(
+            els.score("bbels", x, 0.5, train, k), els.score("ls", x, 0.5, train, k)
+        )
+
+
+def test_batch_shares_work_and_equals_single_queries():
+    train = random_images(4, 1, 8, 8, seed=24)
+    x = random_images(3, 1, 8, 8, seed=25)
+    idx = els.PatchIndex.build(train, "bbels", 3)
+    together = els.denoise(idx, x, 0.3)
+    alone = torch.cat([els.denoise(idx, x[i : i + 1], 0.3) for i in range(3)])
+    torch.testing.assert_close(together, alone, rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------- numerics
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("t", [0.01, 0.5, 0.99])
+def test_finite_on_degenerate_inputs(dtype, t):
+    constant = torch.full((3, 1, 8, 8), 0.25)
+    duplicated = random_images(2, 1, 8, 8, seed=26).repeat(3, 1, 1, 1)
+    far_query = torch.full((1, 1, 8, 8), 50.0, dtype=dtype)
+    for train, x in itertools.product([constant, duplicated], [far_query, -far_query]):
+        for kind, k in [("ideal", None), ("ls", 3), ("els", 5), ("bbels", 3)]:
+            s = els.score(kind, x, t, train.to(dtype), k)
+            assert torch.isfinite(s).all(), (kind, t, dtype)
+
+
+def test_float32_default_close_to_float64():
+    train = random_images(6, 1, 10, 10, seed=27)
+    x = random_images(2, 1, 10, 10, seed=28)
+    s64 = els.score("bbels", x, 0.3, train, 5)
+    s32 = els.score("bbels", x.float(), 0.3, train.float(), 5)
+    assert s32.dtype == torch.float32
+    assert_close(s32.double(), s64, rtol=1e-4)
+
+
+def test_bad_inputs_are_named():
+    train = random_images(2, 1, 8, 8)
+    x = random_images(1, 1, 8, 8)
+    with pytest.raises(els.PatchIndexError, match="unknown machine 'foo'"):
+        els.score("foo", x, 0.5, train, 3)
+    for k in (4, 0, -3):
+        with pytest.raises(els.PatchIndexError, match=f"k={k}"):
+            els.score("bbels", x, 0.5, train, k)
+    with pytest.raises(ValueError, match="outside"):
+        els.score("ls", x, 1.0, train, 3)
+    with pytest.raises(ValueError, match="image shape"):
+        els.score("ls", random_images(1, 1, 9, 9), 0.5, train, 3)
