@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from .softmax import CandidateChunk
 
 MACHINES = ("ideal", "ls", "els", "bbels")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 # code value of an 8-bit pixel u is 2u - 255, so that the zero padding (0.0 in [-1, 1]) is the code 0
 # and the float value is code / 255 exactly as ToTensor + Normalize(0.5, 0.5) gives u / 127.5 - 1.
 _CODE_SCALE = 255.0
@@ -71,23 +71,19 @@ def _codes_to_float(codes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return codes.to(dtype)
 
 
-def _flat(rows, cols, width: int) -> list[int]:
-    return [r * width + c for r in rows for c in cols]
-
-
 @dataclass
 class Family:
     """Groups of query pixels that share one candidate set each; see the module docstring.
 
-    rect = (r0, r1, c0, c1): the candidate patch centres lie in this rectangle of the image;
-    cand_pos [G, S]: flat positions in the rectangle's grid (None: every position, G must be 1);
-    query_pos [G, P]: flat pixel indices into H*W of the queries of each group.
+    query_pos [G, P]: flat pixel indices (row * W + col) of the queries of each group;
+    cand_rows, cand_cols [G, S]: centres of the S candidate patches per training image of each group
+    (empty for the 'whole' family of the ideal score, whose candidates are whole images).
     """
 
     name: str
     query_pos: torch.Tensor
-    rect: tuple[int, int, int, int]
-    cand_pos: torch.Tensor | None
+    cand_rows: torch.Tensor
+    cand_cols: torch.Tensor
     sq_norms: torch.Tensor | None = None  # [G, N*S] (implicit candidates), float64
     unique: torch.Tensor | None = None  # [G, U, D] codes (int16 for 8-bit images) or floats
     unique_log_mult: torch.Tensor | None = None  # [G, U], -inf marks padding
@@ -100,52 +96,56 @@ class Family:
 
     @property
     def positions_per_image(self) -> int:
-        if self.name == "whole":
-            return 1
-        r0, r1, c0, c1 = self.rect
-        return (r1 - r0) * (c1 - c0) if self.cand_pos is None else self.cand_pos.shape[1]
+        return max(1, self.cand_rows.shape[1])
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        names = ["query_pos", "cand_pos", "sq_norms", "unique", "unique_log_mult"]
-        names += ["unique_sq_norms", "unique_source"]
-        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+        return {n: v for n, v in vars(self).items() if isinstance(v, torch.Tensor)}
+
+    @classmethod
+    def from_tensors(cls, name: str, tensors: dict[str, torch.Tensor]) -> Family:
+        return cls(name, **tensors)
+
+
+def _family(name, query_pos, centres) -> Family:
+    """A family from per-group lists of query pixels (flat) and of candidate centres (row, col)."""
+    rows = torch.tensor([[r for r, _ in group] for group in centres], dtype=torch.long)
+    cols = torch.tensor([[c for _, c in group] for group in centres], dtype=torch.long)
+    return Family(name, torch.tensor(query_pos, dtype=torch.long), rows, cols)
 
 
 def machine_families(machine: str, k: int, height: int, width: int) -> list[Family]:
-    """The families (query groups and candidate positions) of a machine; see the module docstring."""
+    """The families (query groups and candidate centres) of a machine; see the module docstring."""
     if machine not in MACHINES:
         raise PatchIndexError(f"unknown machine {machine!r}; expected one of {', '.join(MACHINES)}")
     H, W = height, width
     if machine == "ideal":
-        return [Family("whole", torch.zeros(1, 1, dtype=torch.long), (0, H, 0, W), None)]
+        empty = torch.zeros(1, 0, dtype=torch.long)
+        return [Family("whole", torch.zeros(1, 1, dtype=torch.long), empty, empty.clone())]
     check_patch_size(machine, k, H, W)
     d = k // 2
-    every = list(range(H * W))
+    pixels = [(r, c) for r in range(H) for c in range(W)]
     if machine == "ls":
-        pos = torch.tensor(every).unsqueeze(1)
-        return [Family("local", pos, (0, H, 0, W), pos.clone())]
-    inner_rows, inner_cols = range(d, H - d), range(d, W - d)
+        return [_family("local", [[r * W + c] for r, c in pixels], [[p] for p in pixels])]
+    inside = [(r, c) for r in range(d, H - d) for c in range(d, W - d)]
     if machine == "els":
-        return [Family("interior", torch.tensor([every]), (d, H - d, d, W - d), None)]
+        return [_family("interior", [list(range(H * W))], [inside])]
+    inner_rows, inner_cols = list(range(d, H - d)), list(range(d, W - d))
     edge_rows = [r for r in range(H) if r < d or r >= H - d]
     edge_cols = [c for c in range(W) if c < d or c >= W - d]
     families = []
-    if len(inner_rows) and len(inner_cols):
-        query = torch.tensor([_flat(inner_rows, inner_cols, W)])
-        families.append(Family("interior", query, (d, H - d, d, W - d), None))
-    if edge_rows and len(inner_cols):
-        query = torch.tensor([_flat([r], inner_cols, W) for r in edge_rows])
-        n_cols = len(inner_cols)
-        cand = torch.tensor([_flat([r], range(n_cols), n_cols) for r in edge_rows])
-        families.append(Family("rows", query, (0, H, d, W - d), cand))
-    if edge_cols and len(inner_rows):
-        query = torch.tensor([_flat(inner_rows, [c], W) for c in edge_cols])
-        cand = torch.tensor([_flat(range(len(inner_rows)), [c], W) for c in edge_cols])
-        families.append(Family("cols", query, (d, H - d, 0, W), cand))
-    corners = [r * W + c for r in edge_rows for c in edge_cols]
+    if inside:
+        families.append(_family("interior", [[r * W + c for r, c in inside]], [inside]))
+    if edge_rows and inner_cols:
+        query = [[r * W + c for c in inner_cols] for r in edge_rows]
+        families.append(_family("rows", query, [[(r, c) for c in inner_cols] for r in edge_rows]))
+    if edge_cols and inner_rows:
+        query = [[r * W + c for r in inner_rows] for c in edge_cols]
+        families.append(_family("cols", query, [[(r, c) for r in inner_rows] for c in edge_cols]))
+    corners = [(r, c) for r in edge_rows for c in edge_cols]
     if corners:
-        pos = torch.tensor(corners).unsqueeze(1)
-        families.append(Family("corners", pos, (0, H, 0, W), pos.clone()))
+        families.append(
+            _family("corners", [[r * W + c] for r, c in corners], [[p] for p in corners])
+        )
     return families
 
 
@@ -229,20 +229,16 @@ class PatchIndex:
 
     def _unfold_family(self, fam: Family, images: torch.Tensor) -> torch.Tensor:
         """Candidates of a family for a batch of float images, [G, n*S, D], in id order."""
-        n, C = images.shape[:2]
+        n = images.shape[0]
         if fam.name == "whole":
             return images.reshape(1, n, -1)
         k, d = self.k, self.k // 2
-        r0, r1, c0, c1 = fam.rect
         padded = F.pad(images, (d, d, d, d)) if d else images
-        crop = padded[:, :, r0 : r1 + 2 * d, c0 : c1 + 2 * d]
-        cols = F.unfold(crop, k)  # [n, D, positions of the rect]
-        G = fam.groups
-        if fam.cand_pos is None:
-            return cols.transpose(1, 2).reshape(1, -1, cols.shape[1])
-        S = fam.cand_pos.shape[1]
-        cols = cols[:, :, fam.cand_pos.reshape(-1).to(cols.device)]
-        return cols.view(n, -1, G, S).permute(2, 0, 3, 1).reshape(G, n * S, -1)
+        # [n, C, H, W, k, k]: a view whose (r, c) entry is the zero-padded patch centred on (r, c)
+        patches = padded.unfold(2, k, 1).unfold(3, k, 1)
+        picked = patches[:, :, fam.cand_rows, fam.cand_cols]  # [n, C, G, S, k, k], one gather
+        G, S = fam.cand_rows.shape
+        return picked.permute(2, 0, 3, 1, 4, 5).reshape(G, n * S, -1)
 
     def _implicit_sq_norms(self, fam: Family, chunk_images: int) -> torch.Tensor:
         parts = []
@@ -313,8 +309,10 @@ class PatchIndex:
             U = fam.unique.shape[1]
             step = max(1, max_candidates)
             for u0 in range(0, U, step):
+                patches = _codes_to_float(fam.unique[:, u0 : u0 + step].to(device), dtype)
                 yield CandidateChunk(
-                    patches=_codes_to_float(fam.unique[:, u0 : u0 + step].to(device), dtype),
+                    patches=patches,
+                    centres_and_ones=self._centres_and_ones(fam, patches),
                     sq_norms=fam.unique_sq_norms[:, u0 : u0 + step].to(device, dtype),
                     log_mult=fam.unique_log_mult[:, u0 : u0 + step].to(device, dtype),
                     first_id=u0,
@@ -324,37 +322,45 @@ class PatchIndex:
         step = max(1, max_candidates // S)
         for i0 in range(0, self.images.shape[0], step):
             imgs = to_float(self.images[i0 : i0 + step].to(device), dtype)
+            patches = self._unfold_family(fam, imgs)
             yield CandidateChunk(
-                patches=self._unfold_family(fam, imgs),
+                patches=patches,
+                centres_and_ones=self._centres_and_ones(fam, patches),
                 sq_norms=fam.sq_norms[:, i0 * S : (i0 + imgs.shape[0]) * S].to(device, dtype),
                 log_mult=None,
                 first_id=i0 * S,
             )
 
+    def _centres_and_ones(self, fam: Family, patches: torch.Tensor) -> torch.Tensor:
+        """[G, M, E + 1]: each candidate's centre value(s) (the whole image for the ideal score) and a 1."""
+        G, M, D = patches.shape
+        if fam.name == "whole":
+            centres = patches
+        else:
+            C, k, d = D // (self.k * self.k), self.k, self.k // 2
+            centre = torch.arange(C, device=patches.device) * k * k + d * k + d
+            centres = patches.index_select(2, centre)
+        return torch.cat([centres, patches.new_ones(G, M, 1)], dim=2)
+
     def source_of(self, fam: Family, ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Candidate ids [G, P] of a family -> (image, row, col) of each candidate patch's centre."""
         if fam.unique is not None:
-            src = fam.unique_source.to(ids.device)
-            ids = torch.gather(src, 1, ids)
+            ids = torch.gather(fam.unique_source, 1, ids)
         if fam.name == "whole":
             return ids, None, None
         S = fam.positions_per_image
         image, s = ids // S, ids % S
-        if fam.cand_pos is not None:
-            s = torch.gather(fam.cand_pos.to(ids.device), 1, s)
-        r0, _, c0, c1 = fam.rect
-        return image, r0 + s // (c1 - c0), c0 + s % (c1 - c0)
+        return image, torch.gather(fam.cand_rows, 1, s), torch.gather(fam.cand_cols, 1, s)
 
     def to(self, device: torch.device | str) -> PatchIndex:
         """This index with every tensor on `device` (itself if already there)."""
         device = torch.device(device)
         if self.images.device == device:
             return self
-        families = []
-        for f in self.families:
-            moved = {n: t.to(device) for n, t in f.tensors().items()}
-            qp, cp = moved.pop("query_pos"), moved.pop("cand_pos", None)
-            families.append(Family(f.name, qp, f.rect, cp, **moved))
+        families = [
+            Family.from_tensors(f.name, {n: t.to(device) for n, t in f.tensors().items()})
+            for f in self.families
+        ]
         return PatchIndex(self.machine, self.k, self.images.to(device), families, self.fingerprint)
 
     def check(self, machine: str, k: int | None = None, images: torch.Tensor | None = None) -> None:
@@ -398,7 +404,7 @@ class PatchIndex:
             "machine": self.machine,
             "k": str(self.k),
             "fingerprint": self.fingerprint,
-            "families": json.dumps([[f.name, list(f.rect)] for f in self.families]),
+            "families": json.dumps([f.name for f in self.families]),
             "content_sha256": self._content_hash(tensors),
         }
         path = Path(path)
@@ -442,11 +448,10 @@ class PatchIndex:
                 f"patch index {path} is corrupt: its content checksum does not match"
             )
         families = []
-        for i, (name, rect) in enumerate(json.loads(meta["families"])):
+        for i, name in enumerate(json.loads(meta["families"])):
             prefix = f"family{i}."
             fields = {n[len(prefix) :]: t for n, t in tensors.items() if n.startswith(prefix)}
-            query_pos, cand_pos = fields.pop("query_pos"), fields.pop("cand_pos", None)
-            families.append(Family(name, query_pos, tuple(rect), cand_pos, **fields))
+            families.append(Family.from_tensors(name, fields))
         index = cls(meta["machine"], int(meta["k"]), tensors["images"], families)
         if index.fingerprint != meta["fingerprint"]:
             raise PatchIndexError(

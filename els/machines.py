@@ -92,7 +92,6 @@ def denoise(
             index.chunks(fam, dtype, device, step),
             a=a,
             b2=b2,
-            centre_idx=None,
             with_stats=return_provenance,
         )
         m = mean.reshape(B, C, H, W)
@@ -111,7 +110,6 @@ def denoise(
     D = C * k * k
     padded = F.pad(x, (d, d, d, d), mode=query_padding(index.machine)) if d else x
     query_cols = F.unfold(padded, k)  # [B, D, H*W]: the patch centred on every pixel
-    centre_idx = torch.tensor([c * k * k + d * k + d for c in range(C)], device=device)
     m = x.new_empty(B, C, H * W)
     if return_provenance:
         prov_maps = {n: torch.zeros(B, H * W, dtype=torch.long, device=device) for n in "irc"}
@@ -128,7 +126,6 @@ def denoise(
             index.chunks(fam, dtype, device, step),
             a=a,
             b2=b2,
-            centre_idx=centre_idx,
             with_stats=return_provenance,
         )
         # [G, B*P, C] -> [B, C, G*P], the order of pos

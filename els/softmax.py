@@ -22,13 +22,19 @@ from dataclasses import dataclass
 
 import torch
 
+# exp() of arguments below about -87 (float32) takes a slow path, 8x slower on these CPUs; a relative
+# weight of e^-80 = 2e-35 is below the rounding of any float sum, so logits are floored there.
+EXP_FLOOR = -80.0
+
 
 @dataclass
 class CandidateChunk:
-    """One chunk of candidates for every group: patches [G, M, D], squared norms [G, M], optional
-    log multiplicities [G, M] (-inf marks padding), and the id of the chunk's first candidate."""
+    """One chunk of candidates for every group: patches [G, M, D], their centres with a column of ones
+    appended [G, M, E + 1] (one product then gives the weighted sum and the normaliser), squared norms
+    [G, M], optional log multiplicities [G, M] (-inf marks padding), the id of the first candidate."""
 
     patches: torch.Tensor
+    centres_and_ones: torch.Tensor
     sq_norms: torch.Tensor
     log_mult: torch.Tensor | None
     first_id: int
@@ -49,21 +55,18 @@ def streaming_softmax_mean(
     *,
     a: float,
     b2: float,
-    centre_idx: torch.Tensor | None,
     with_stats: bool = False,
 ) -> tuple[torch.Tensor, SoftmaxStats | None]:
     """Weighted mean of candidate centres for queries [G, P, D].
 
-    centre_idx selects the centre entries of a candidate patch (the C values of the centre pixel); None
-    means the whole candidate is its centre (the ideal score). Returns the mean [G, P, E] and, if asked,
-    SoftmaxStats. Works on any device; nothing leaves the device inside the loop.
+    Returns the mean [G, P, E] and, if asked, SoftmaxStats. Works on any device; nothing leaves the
+    device inside the loop.
     """
     G, P, _ = queries.shape
     dtype, device = queries.dtype, queries.device
     lowest = torch.finfo(dtype).min
     run_max = torch.full((G, P), float("-inf"), dtype=dtype, device=device)
-    run_sum = torch.zeros((G, P), dtype=dtype, device=device)
-    run_acc = None
+    run_acc = None  # [G, P, E + 1]: weighted sum of centres, then the sum of weights
     if with_stats:
         run_sq = torch.zeros((G, P), dtype=dtype, device=device)
         best_logit = torch.full((G, P), float("-inf"), dtype=dtype, device=device)
@@ -89,11 +92,9 @@ def streaming_softmax_mean(
         new_max = torch.maximum(run_max, chunk_max)
         # clamp keeps exp(-inf - -inf) = nan away while a group has seen only padding
         safe_max = new_max.clamp(min=lowest)
-        weights = logits.sub_(safe_max.unsqueeze(2)).exp_()
+        weights = logits.sub_(safe_max.unsqueeze(2)).clamp_(min=EXP_FLOOR).exp_()
         rescale = torch.exp(run_max - safe_max)
-        centres = cand if centre_idx is None else cand[:, :, centre_idx]
-        contrib = torch.bmm(weights, centres)
-        run_sum = run_sum * rescale + weights.sum(dim=2)
+        contrib = torch.bmm(weights, chunk.centres_and_ones)
         run_acc = contrib if run_acc is None else run_acc * rescale.unsqueeze(2) + contrib
         if with_stats:
             # sum of squared weights over individual candidates: a group of n copies adds n w^2
@@ -105,7 +106,8 @@ def streaming_softmax_mean(
         run_max = new_max
     if run_acc is None:
         raise ValueError("no candidates: the candidate set of a query group is empty")
-    mean = run_acc / run_sum.unsqueeze(2)
+    run_sum = run_acc[:, :, -1]
+    mean = run_acc[:, :, :-1] / run_sum.unsqueeze(2)
     stats = None
     if with_stats:
         stats = SoftmaxStats(
