@@ -76,3 +76,74 @@ def test_sampler_records_provenance_per_step():
     assert len(traj.provenance) == 2
     assert traj.provenance[-1].image.shape == (2, 7, 7)
     assert (traj.provenance[-1].n_eff >= 1 - 1e-9).all()
+
+
+@pytest.fixture(scope="module")
+def fashion_class3(tmp_path_factory):
+    from pathlib import Path
+
+    from els.data import load_prepared, prepare_dataset
+
+    local = Path("/usr/share/datasets/fashion-mnist")
+    if not local.is_dir():
+        pytest.skip("needs Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist)")
+    out = tmp_path_factory.mktemp("fm") / "train.safetensors"
+    prepare_dataset(
+        "FashionMNIST",
+        out.parent / "raw",
+        out,
+        local_dirs=[str(local)],
+        allow_download=False,
+        allow_apt=False,
+    )
+    images, _ = load_prepared(out, cls=3, max_per_class=60)
+    return images
+
+
+def test_ideal_memorises_and_bbels_makes_a_mosaic_on_real_fashion_mnist(fashion_class3, tmp_path):
+    from els.provenance import mosaic_summary, plot_provenance, stack_provenance
+
+    noise = torch.randn(1, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    scales = [3, 3, 5, 7, 9, 11]
+    summaries = {}
+    for kind in ("ideal", "bbels"):
+        x, traj = els.sample(
+            kind,
+            fashion_class3,
+            scales,
+            noise,
+            return_trajectory=True,
+            provenance=True,
+            disable=True,
+        )
+        p = stack_provenance(traj.provenance)
+        summaries[kind] = mosaic_summary(p["source_image"][0], p["source_weight"][0])
+        png = tmp_path / f"{kind}.png"
+        plot_provenance(
+            png,
+            x[0],
+            p["source_image"][0],
+            p["source_row"][0],
+            p["source_col"][0],
+            p["source_weight"][0],
+            p["n_eff"][:, 0],
+            traj.t,
+            traj.k,
+            fashion_class3,
+        )
+        assert png.stat().st_size > 10_000
+    assert summaries["ideal"]["top_source_share"] == 1.0
+    assert summaries["ideal"]["n_sources"] == 1
+    assert summaries["bbels"]["top_source_share"] < 0.5
+    assert summaries["bbels"]["n_sources"] > 5
+
+
+def test_mosaic_summary_and_displacement():
+    from els.provenance import displacement, mosaic_summary, top_sources
+
+    src = torch.tensor([[1, 1], [1, 7]])
+    s = mosaic_summary(src, torch.full((2, 2), 0.5))
+    assert s == {"n_sources": 2, "top_source_share": 0.75, "mean_dominant_weight": 0.5}
+    assert top_sources(src, 5) == [(1, 3), (7, 1)]
+    dr, dc = displacement(torch.tensor([[0, 0], [1, 1]]), torch.tensor([[0, 1], [0, 1]]))
+    assert dr.abs().sum() == 0 and dc.abs().sum() == 0  # copied in place
