@@ -389,3 +389,123 @@ def test_r2_table_summary_and_figures(tmp_path):
         column_notes={"ELS": [f"r²={v:.2f}" for v in df["r2_els"]]},
     )
     assert (tmp_path / "scatter.png").stat().st_size > 0 and (tmp_path / "grid.png").exists()
+
+
+# ----------------------------------------------------------------------------- the pipeline stages
+
+
+def _prepared_image_folder(tmp_path, per_class=6):
+    """A prepared dataset (els.data format) from a synthetic two-class image folder."""
+    from PIL import Image
+
+    from els.data import prepare_dataset
+
+    images, labels = synthetic_images(n=3 * per_class, size=32)
+    folder = tmp_path / "folder"
+    for i, (img, c) in enumerate(zip(images, labels.tolist(), strict=True)):
+        if c == 2:
+            continue
+        (folder / f"class{c}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img[0].numpy(), mode="L").save(folder / f"class{c}" / f"{i}.png")
+    out = tmp_path / "prepared.safetensors"
+    prepare_dataset("imagefolder", tmp_path / "raw", out, folder=folder, channels=1)
+    return out
+
+
+def _fake_noise(dataset, cls, seed, shape):
+    # a stand-in for the pipeline's els.noise.noise_for: a function of (class, seed) only
+    return torch.randn(shape, generator=torch.Generator().manual_seed(1000 * seed + int(cls)))
+
+
+def test_pipeline_stages_run_the_whole_chain(tmp_path):
+    from safetensors.torch import load_file
+
+    from els.cnn import stages
+
+    data = _prepared_image_folder(tmp_path)
+    section = {
+        "dataset": "imagefolder",
+        "classes": [0, 1],
+        "max_per_class": 5,
+        "device": "cpu",
+        "steps": 8,
+        "train": {"steps": 20, "batch_size": 8, "lr": 2e-3, "log_every": 5},
+        "calibration": {"patch_sizes": [3, 7], "seeds": {"start": 100, "count": 2}},
+        "evaluation": {"seeds": [0, 1, 2], "grid_rows": 4},
+        "models": {
+            "tiny": {
+                "model": {
+                    "arch": "resnet",
+                    "channels": 8,
+                    "num_blocks": 2,
+                    "emb_dim": 16,
+                    "padding": "zeros",
+                }
+            }
+        },
+    }
+    settings = stages.resolve_settings(section, "tiny", num_classes=2)
+    assert settings.machine == "bbels" and settings.class_labels == [0, 1]
+    out = tmp_path / "results"
+    info = stages.stage_train(
+        settings,
+        data,
+        out / "work",
+        out / "model.safetensors",
+        out / "loss.csv",
+        out / "loss.png",
+        progress=False,
+    )
+    assert info["steps"] == 20 and info["images"] == 10
+    scales = stages.stage_calibrate(
+        settings,
+        data,
+        out / "model.safetensors",
+        out / "scales.txt",
+        out / "calibration.csv",
+        out / "calibration.png",
+        noise_fn=_fake_noise,
+        progress=False,
+    )
+    assert els.scales.read_scales(out / "scales.txt", expected_length=8) == scales
+    assert set(scales) <= {3, 7}
+    cnn_files, machine_files = [], []
+    for cls in settings.class_labels:
+        cnn_files.append(out / f"cnn_{cls}.safetensors")
+        machine_files.append(out / f"machines_{cls}.safetensors")
+        stages.stage_sample_cnn(
+            settings, out / "model.safetensors", cls, cnn_files[-1], noise_fn=_fake_noise
+        )
+        stages.stage_sample_machines(
+            settings, data, out / "scales.txt", cls, machine_files[-1], noise_fn=_fake_noise
+        )
+    saved = load_file(str(cnn_files[0]))
+    assert saved["image"].shape == (3, 1, 32, 32)
+    assert torch.equal(saved["noise"][1], _fake_noise("imagefolder", 0, 1, (1, 32, 32)))
+    summary = stages.stage_evaluate(
+        settings,
+        cnn_files,
+        machine_files,
+        out / "r2.csv",
+        out / "r2_summary.csv",
+        out / "scatter.png",
+        out / "grid.png",
+    )
+    df = pd.read_csv(out / "r2.csv")
+    assert len(df) == 6 and {"r2_bbels", "r2_ideal", "r_bbels", "r_ideal"} <= set(df.columns)
+    values = df[["r_bbels", "r2_bbels", "r_ideal", "r2_ideal"]].to_numpy()
+    assert np.isfinite(values).all() and (np.abs(values) <= 1).all()
+    assert summary["r2_bbels"] == pytest.approx(df["r2_bbels"].median())
+    for name in ("loss.png", "calibration.png", "scatter.png", "grid.png", "r2_summary.csv"):
+        assert (out / name).stat().st_size > 0
+    # samples that do not share their noise are refused
+    with pytest.raises(ValueError, match="same noise"):
+        stages.stage_evaluate(
+            settings,
+            cnn_files,
+            machine_files[::-1],
+            out / "x.csv",
+            out / "y.csv",
+            out / "s.png",
+            out / "g.png",
+        )

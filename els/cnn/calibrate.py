@@ -154,3 +154,39 @@ def calibrate(
         dim=2,
     )
     return Calibration.from_cosines(patch_sizes, t, cosines)
+
+
+def plot_calibration(result: Calibration, path: str | Path, *, title: str = "") -> None:
+    """Heatmap of the median cosine (step x k) with the chosen k per step marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    median = result.median.numpy()  # [steps, K], rows in the order run (t decreasing)
+    fig, ax = plt.subplots(
+        figsize=(0.45 * len(result.patch_sizes) + 2.2, 0.28 * len(result.t) + 1.4)
+    )
+    im = ax.imshow(
+        median, aspect="auto", cmap="viridis", vmin=max(0.0, float(median.min())), vmax=1
+    )
+    best = median.argmax(axis=1)
+    ax.scatter(
+        best,
+        range(len(result.t)),
+        marker="o",
+        facecolors="none",
+        edgecolors="red",
+        s=40,
+        label="chosen k",
+    )
+    ax.set_xticks(range(len(result.patch_sizes)), [str(k) for k in result.patch_sizes])
+    ax.set_yticks(range(len(result.t)), [f"{t:.2f}" for t in result.t])
+    ax.set_xlabel("patch size k")
+    ax.set_ylabel("t (reverse step)")
+    ax.set_title(title or "median cosine(machine score, CNN score)", fontsize=9)
+    ax.legend(loc="lower right", fontsize=7)
+    fig.colorbar(im, ax=ax, label="median cosine over samples")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)

@@ -396,6 +396,7 @@ def train_noise_predictor(
             {
                 "train_config": _config_json(config),
                 "data_fingerprint": fingerprint,
+                "image_shape": json.dumps(list(images.shape[1:])),
                 "steps": str(total),
                 "train_seconds": f"{seconds:.1f}",
             },

@@ -1,0 +1,389 @@
+"""The CNN comparison as pipeline stages: each function reads files, calls els / els.cnn, writes files.
+workflow/scripts/cnn_*.py are thin wrappers around these, so the whole chain also runs (and is tested)
+without Snakemake.
+
+Settings come from the config's `cnn:` section (see configs/cnn_tiny.yaml): shared keys, and per model
+under `models:` an architecture (`model:`) and optional `train:` overrides. The machines of the
+comparison use exactly the CNN's training images (same classes, same per-class subset) and the schedule
+calibrated against it; every sample of a seed starts from the same noise, noise_for(dataset, class,
+seed, shape).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..api import sample as machine_sample
+from ..data import load_prepared
+from ..scales import read_scales
+from .calibrate import DEFAULT_PATCH_SIZES, calibrate, plot_calibration
+from .evaluate import plot_r2_scatter, plot_sample_grid, r2_table, summarize
+from .models import ModelConfig, load_model, parameter_count, read_metadata, receptive_field
+from .sample import sample_cnn
+from .train import TrainConfig, train_noise_predictor
+
+NoiseFn = Callable[[str, "int | str", int, tuple[int, ...]], torch.Tensor]
+ALL_CLASSES = "all"  # the {class} of an unconditional model
+
+
+def expand_seeds(spec) -> list[int]:
+    """A list of seeds, or {start, count}."""
+    if isinstance(spec, dict):
+        return list(range(int(spec["start"]), int(spec["start"]) + int(spec["count"])))
+    return [int(s) for s in spec]
+
+
+@dataclass(frozen=True)
+class CnnSettings:
+    """One CNN's resolved settings (shared `cnn:` keys merged with its `models:` entry)."""
+
+    name: str
+    dataset: str
+    classes: tuple[int, ...]
+    max_per_class: int | None
+    conditional: bool
+    model: ModelConfig
+    train: TrainConfig
+    device: str
+    n_steps: int
+    patch_sizes: tuple[int, ...]
+    calibration_seeds: tuple[int, ...]
+    evaluation_seeds: tuple[int, ...]
+    grid_rows: int
+
+    @property
+    def machine(self) -> str:
+        return self.model.machine
+
+    @property
+    def class_labels(self) -> list[int | str]:
+        """The {class} values of this model's per-class files."""
+        return list(self.classes) if self.conditional else [ALL_CLASSES]
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+def model_names(section: dict) -> list[str]:
+    return list(section["models"])
+
+
+def resolve_settings(section: dict, name: str, num_classes: int) -> CnnSettings:
+    """Settings of model `name` from the config's cnn section; num_classes: of the dataset."""
+    entry = section["models"][name]
+    conditional = bool(section.get("conditional", True))
+    model = ModelConfig.from_dict(
+        {**entry["model"], "num_classes": num_classes if conditional else 0}
+    )
+    train = TrainConfig.from_dict({**section.get("train", {}), **entry.get("train", {})})
+    calibration = section.get("calibration", {})
+    evaluation = section.get("evaluation", {})
+    return CnnSettings(
+        name=name,
+        dataset=section["dataset"],
+        classes=tuple(int(c) for c in section["classes"]),
+        max_per_class=section.get("max_per_class"),
+        conditional=conditional,
+        model=model,
+        train=train,
+        device=str(section.get("device", "auto")),
+        n_steps=int(section.get("steps", 20)),
+        patch_sizes=tuple(int(k) for k in calibration.get("patch_sizes", DEFAULT_PATCH_SIZES)),
+        calibration_seeds=tuple(
+            expand_seeds(calibration.get("seeds", {"start": 1000, "count": 8}))
+        ),
+        evaluation_seeds=tuple(expand_seeds(evaluation.get("seeds", {"start": 0, "count": 16}))),
+        grid_rows=int(evaluation.get("grid_rows", 8)),
+    )
+
+
+def default_noise_fn() -> NoiseFn:
+    from ..noise import noise_for  # the pipeline's one source of per-seed noise
+
+    return noise_for
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def training_set(
+    settings: CnnSettings, data_path: str | Path, cls: int | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CNN's training images and labels; with cls, only that class's ('all': every class)."""
+    classes = settings.classes if cls in (None, ALL_CLASSES) else (int(cls),)
+    parts = [load_prepared(data_path, cls=c, max_per_class=settings.max_per_class) for c in classes]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def _noise_batch(settings: CnnSettings, noise_fn: NoiseFn, cls, seeds, shape) -> torch.Tensor:
+    return torch.stack(
+        [noise_fn(settings.dataset, cls, s, tuple(shape)).to(torch.float32) for s in seeds]
+    )
+
+
+def _labels(settings: CnnSettings, cls, n: int) -> torch.Tensor | None:
+    return torch.full((n,), int(cls), dtype=torch.long) if settings.conditional else None
+
+
+def _save(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta
+    )
+    tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def stage_train(
+    settings: CnnSettings,
+    data_path: str | Path,
+    work_dir: str | Path,
+    model_out: str | Path,
+    loss_csv_out: str | Path,
+    loss_png_out: str | Path,
+    *,
+    progress: bool | None = None,
+) -> dict:
+    """Train (resuming from work_dir's checkpoint if there is one), then copy the final files out.
+
+    work_dir keeps the checkpoint and the running loss log outside the declared outputs, which a
+    workflow manager deletes when a job fails: a rerun resumes instead of starting over."""
+    images, labels = training_set(settings, data_path)
+    result = train_noise_predictor(
+        settings.model,
+        settings.train,
+        images,
+        labels,
+        work_dir,
+        device=settings.torch_device(),
+        progress=progress,
+    )
+    work = Path(work_dir)
+    for src, dst in (
+        ("model.safetensors", model_out),
+        ("loss.csv", loss_csv_out),
+        ("loss.png", loss_png_out),
+    ):
+        Path(dst).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(str(dst) + ".tmp")
+        tmp.write_bytes((work / src).read_bytes())
+        tmp.replace(dst)
+    return {
+        "parameters": result.parameters,
+        "steps": result.steps,
+        "seconds": result.seconds,
+        "final_loss": result.final_loss,
+        "images": int(images.shape[0]),
+    }
+
+
+def stage_calibrate(
+    settings: CnnSettings,
+    data_path: str | Path,
+    model_path: str | Path,
+    scales_out: str | Path,
+    table_out: str | Path,
+    figure_out: str | Path,
+    *,
+    noise_fn: NoiseFn | None = None,
+    progress: bool | None = None,
+) -> list[int]:
+    """The CNN's trajectories from the calibration seeds (per class), the machine's cosine to its
+    score per step and k, the median over all samples, the best k per step -> schedule file."""
+    noise_fn = noise_fn or default_noise_fn()
+    device = settings.torch_device()
+    model = load_model(model_path, device=device)
+    pairs = []
+    for cls in settings.class_labels:
+        images, _ = training_set(settings, data_path, cls)
+        seeds = settings.calibration_seeds
+        noise = _noise_batch(settings, noise_fn, cls, seeds, images.shape[1:])
+        _, trajectory = sample_cnn(
+            model,
+            noise.to(device),
+            _labels(settings, cls, len(seeds)),
+            settings.n_steps,
+            return_trajectory=True,
+            disable=True,
+        )
+        pairs.append((trajectory, images.to(device)))
+    started = time.perf_counter()
+    result = calibrate(pairs, settings.machine, settings.patch_sizes, progress=progress)
+    seconds = time.perf_counter() - started
+    result.write(
+        scales_out,
+        table_out,
+        comment=f"CNN {settings.name} ({settings.model.arch}, {settings.model.padding} padding), "
+        f"machine {settings.machine}, dataset {settings.dataset}, classes "
+        f"{list(settings.class_labels)}, seeds {list(settings.calibration_seeds)}; "
+        f"{seconds:.0f} s",
+    )
+    plot_calibration(result, figure_out, title=f"{settings.name}: {settings.machine} vs CNN score")
+    return result.scales
+
+
+def stage_sample_cnn(
+    settings: CnnSettings,
+    model_path: str | Path,
+    cls: int | str,
+    out_path: str | Path,
+    *,
+    noise_fn: NoiseFn | None = None,
+) -> None:
+    """CNN samples of one class for the evaluation seeds: noise, image, seeds in one file."""
+    noise_fn = noise_fn or default_noise_fn()
+    device = settings.torch_device()
+    model = load_model(model_path, device=device)
+    shape = _image_shape(model_path)
+    seeds = settings.evaluation_seeds
+    noise = _noise_batch(settings, noise_fn, cls, seeds, shape)
+    images = sample_cnn(
+        model, noise.to(device), _labels(settings, cls, len(seeds)), settings.n_steps, disable=True
+    )
+    _save(
+        out_path,
+        {"noise": noise, "image": images, "seeds": torch.tensor(seeds)},
+        {
+            "dataset": settings.dataset,
+            "class": str(cls),
+            "model": settings.name,
+            "n_steps": str(settings.n_steps),
+        },
+    )
+
+
+def _image_shape(model_path: str | Path) -> tuple[int, ...]:
+    """[C, H, W] of the images the model was trained on (recorded by training)."""
+    meta = read_metadata(model_path)
+    if "image_shape" not in meta:
+        raise ValueError(f"{model_path} does not record the image shape it was trained on")
+    return tuple(json.loads(meta["image_shape"]))
+
+
+def stage_sample_machines(
+    settings: CnnSettings,
+    data_path: str | Path,
+    scales_path: str | Path,
+    cls: int | str,
+    out_path: str | Path,
+    *,
+    noise_fn: NoiseFn | None = None,
+) -> None:
+    """The machine (calibrated schedule) and the ideal score from the same noise as the CNN samples,
+    on the CNN's training images of that class."""
+    noise_fn = noise_fn or default_noise_fn()
+    device = settings.torch_device()
+    scales = read_scales(scales_path, expected_length=settings.n_steps)
+    images, _ = training_set(settings, data_path, cls)
+    seeds = settings.evaluation_seeds
+    noise = _noise_batch(settings, noise_fn, cls, seeds, images.shape[1:])
+    out = {"noise": noise, "seeds": torch.tensor(seeds)}
+    for kind in (settings.machine, "ideal"):
+        out[kind] = machine_sample(kind, images, scales, noise, device=device, disable=True).cpu()
+    _save(
+        out_path,
+        out,
+        {
+            "dataset": settings.dataset,
+            "class": str(cls),
+            "model": settings.name,
+            "scales": " ".join(map(str, scales)),
+        },
+    )
+
+
+def stage_evaluate(
+    settings: CnnSettings,
+    cnn_paths: Sequence[str | Path],
+    machine_paths: Sequence[str | Path],
+    r2_out: str | Path,
+    summary_out: str | Path,
+    scatter_out: str | Path,
+    grid_out: str | Path,
+) -> dict:
+    """Per seed r and r^2 (centred, flattened images) of the CNN sample against the machine's and
+    the ideal score's; medians; the scatter (r^2) and the CNN | machine | IS grid."""
+    machine = settings.machine
+    tables, grid = [], {"CNN": [], machine: [], "ideal": []}
+    for cls, cnn_path, machine_path in zip(
+        settings.class_labels, cnn_paths, machine_paths, strict=True
+    ):
+        cnn, machines = load_file(str(cnn_path)), load_file(str(machine_path))
+        if not torch.equal(cnn["noise"], machines["noise"]) or not torch.equal(
+            cnn["seeds"], machines["seeds"]
+        ):
+            raise ValueError(f"{cnn_path} and {machine_path} do not start from the same noise")
+        seeds = cnn["seeds"].tolist()
+        tables.append(
+            r2_table(
+                cnn["image"],
+                {machine: machines[machine], "ideal": machines["ideal"]},
+                seeds=seeds,
+                classes=[cls] * len(seeds),
+            )
+        )
+        for key, images in (
+            ("CNN", cnn["image"]),
+            (machine, machines[machine]),
+            ("ideal", machines["ideal"]),
+        ):
+            grid[key].append(images)
+    import pandas as pd
+
+    df = pd.concat(tables, ignore_index=True)
+    df.insert(0, "model", settings.name)
+    df.to_csv(r2_out, index=False)
+    summary = summarize(df)
+    summary.insert(0, "model", settings.name)
+    summary.to_csv(summary_out, index=False)
+    plot_r2_scatter(
+        df,
+        scatter_out,
+        x="ideal",
+        y=machine,
+        title=f"{settings.name}: median r² {machine.upper()} "
+        f"{df[f'r2_{machine}'].median():.3f}, IS {df['r2_ideal'].median():.3f}",
+    )
+    rows = _grid_rows(df, settings.grid_rows)
+    columns = {k: torch.cat(v)[rows] for k, v in grid.items()}
+    notes = {
+        name: [f"r²={df[f'r2_{key}'].iloc[i]:.2f}" for i in rows]
+        for name, key in ((machine, machine), ("ideal", "ideal"))
+    }
+    plot_sample_grid(
+        {"CNN": columns["CNN"], machine.upper(): columns[machine], "IS": columns["ideal"]},
+        grid_out,
+        row_labels=[f"c{df['class'].iloc[i]} s{df['seed'].iloc[i]}" for i in rows],
+        column_notes={machine.upper(): notes[machine], "IS": notes["ideal"]},
+    )
+    return summary.iloc[0].to_dict()
+
+
+def _grid_rows(df, n: int) -> list[int]:
+    """Up to n rows spread over the classes (first seeds of each class in turn)."""
+    order = df.groupby("class", sort=False).cumcount().sort_values(kind="stable").index
+    return list(order[: min(n, len(df))])
+
+
+def model_summary(settings: CnnSettings, model_path: str | Path) -> dict:
+    model = load_model(model_path)
+    return {
+        "model": settings.name,
+        "arch": settings.model.arch,
+        "padding": settings.model.padding,
+        "parameters": parameter_count(model),
+        "receptive_field": receptive_field(settings.model),
+    }
