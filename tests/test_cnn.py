@@ -509,3 +509,80 @@ def test_pipeline_stages_run_the_whole_chain(tmp_path):
             out / "s.png",
             out / "g.png",
         )
+
+
+def test_workflow_helpers_give_each_stage_only_its_keys():
+    from types import SimpleNamespace
+
+    from els.cnn.workflow import CnnRules
+
+    section = {
+        "dataset": "FashionMNIST",
+        "classes": [0, 7],
+        "train": {"steps": 3},
+        "calibration": {"seeds": [1]},
+        "evaluation": {"seeds": [0]},
+        "steps": 20,
+        "models": {"a": {"model": {"arch": "resnet"}}, "b": {"model": {"arch": "unet"}}},
+    }
+    rules = CnnRules(section)
+    w = SimpleNamespace(dataset="FashionMNIST", model="b")
+    train = rules.params("train")(w)
+    assert "evaluation" not in train and "calibration" not in train and train["train"]
+    assert list(train["models"]) == ["b"]
+    assert "train" not in rules.params("sample")(w)
+    assert rules.per_class("r/{dataset}/{model}/{cls}.st")(w) == [
+        "r/FashionMNIST/b/0.st",
+        "r/FashionMNIST/b/7.st",
+    ]
+    assert len(rules.targets()) == 14 and rules.gpu == 0
+    assert CnnRules({**section, "conditional": False}).class_labels() == ["all"]
+    assert CnnRules(None).targets() == []
+
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEFILE = REPO / "workflow" / "Snakefile"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SNAKEFILE.exists(), reason="the pipeline's workflow/Snakefile is not there")
+@pytest.mark.skipif(
+    not PREPARED_FASHION_MNIST.exists(),
+    reason=f"no prepared FashionMNIST at {PREPARED_FASHION_MNIST}",
+)
+def test_tiny_cnn_config_runs_the_whole_chain_in_snakemake(tmp_path):
+    """CI: configs/cnn_tiny.yaml through Snakemake on CPU (a few minutes)."""
+    import shutil
+    import subprocess
+    import sys
+
+    import yaml
+
+    from els.cnn.stages import check_outputs
+
+    prepared = tmp_path / "results" / "data" / "FashionMNIST" / "train.safetensors"
+    prepared.parent.mkdir(parents=True)
+    shutil.copy(PREPARED_FASHION_MNIST, prepared)
+    config = REPO / "configs" / "cnn_tiny.yaml"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "-s",
+            str(SNAKEFILE),
+            "--directory",
+            str(tmp_path),
+            "--configfile",
+            str(config),
+            "--cores",
+            "2",
+            "cnn_all",
+        ],
+        check=True,
+        cwd=REPO,
+    )
+    section = yaml.safe_load(config.read_text())["cnn"]
+    for model in section["models"]:
+        summary = check_outputs(tmp_path / "results" / "cnn" / "FashionMNIST" / model, section)
+        assert len(summary["scales"]) == section["steps"]

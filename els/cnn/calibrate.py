@@ -40,6 +40,7 @@ def machine_cosines(
     *,
     build_index: Callable[[torch.Tensor, str, int], PatchIndex] = PatchIndex.build,
     dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
     memory_budget: int | None = None,
     progress: bool | None = None,
 ) -> torch.Tensor:
@@ -47,6 +48,7 @@ def machine_cosines(
 
     One index per k is built and dropped in turn (the outer loop), so memory holds one at a time.
     train_images: the images the CNN learned (for a conditional CNN: those of the sampled class).
+    Indexes are built on the CPU and moved to `device`, where the machine's scores are computed.
     """
     H, W = train_images.shape[-2:]
     for k in patch_sizes:
@@ -57,12 +59,13 @@ def machine_cosines(
         total=steps * len(patch_sizes), desc=f"calibrate {machine}", disable=progress is False
     )
     for j, k in enumerate(patch_sizes):
-        index = build_index(train_images, machine, k)
+        index = build_index(train_images.cpu(), machine, k).to(device)
         for i, (t, x, s_cnn) in enumerate(
             zip(trajectory.t, trajectory.x, trajectory.score, strict=True)
         ):
-            s_k = machine_score(machine, x.to(dtype), t, index=index, memory_budget=memory_budget)
-            out[i, j] = cosine_per_sample(s_k, s_cnn)
+            x = x.to(device=device, dtype=dtype)
+            s_k = machine_score(machine, x, t, index=index, memory_budget=memory_budget)
+            out[i, j] = cosine_per_sample(s_k.cpu(), s_cnn)
             bar.update(1)
         del index
     bar.close()

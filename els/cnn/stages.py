@@ -106,6 +106,30 @@ def resolve_settings(section: dict, name: str, num_classes: int) -> CnnSettings:
     )
 
 
+def job_settings(
+    section: dict,
+    name: str,
+    dataset: str,
+    *,
+    data_path: str | Path | None = None,
+    model_path: str | Path | None = None,
+) -> CnnSettings:
+    """Settings for one workflow job; the dataset's class count comes from the prepared data or,
+    when the job has none, from the trained model."""
+    if data_path is not None:
+        from ..data import class_names
+
+        num_classes = len(class_names(data_path))
+    elif model_path is not None:
+        num_classes = json.loads(read_metadata(model_path)["model_config"])["num_classes"]
+    else:
+        raise ValueError("job_settings needs the prepared data or the model file")
+    settings = resolve_settings(section, name, num_classes)
+    if settings.dataset != dataset:
+        raise ValueError(f"cnn.dataset is {settings.dataset!r}, the job's dataset {dataset!r}")
+    return settings
+
+
 def default_noise_fn() -> NoiseFn:
     from ..noise import noise_for  # the pipeline's one source of per-seed noise
 
@@ -162,13 +186,17 @@ def stage_train(
     work_dir keeps the checkpoint and the running loss log outside the declared outputs, which a
     workflow manager deletes when a job fails: a rerun resumes instead of starting over."""
     images, labels = training_set(settings, data_path)
+    device = settings.torch_device()
+    if device.type == "cuda":
+        # fastest conv algorithms; GPU runs are reproducible only up to their nondeterminism anyway
+        torch.backends.cudnn.benchmark = True
     result = train_noise_predictor(
         settings.model,
         settings.train,
         images,
         labels,
         work_dir,
-        device=settings.torch_device(),
+        device=device,
         progress=progress,
     )
     work = Path(work_dir)
@@ -219,9 +247,11 @@ def stage_calibrate(
             return_trajectory=True,
             disable=True,
         )
-        pairs.append((trajectory, images.to(device)))
+        pairs.append((trajectory, images))
     started = time.perf_counter()
-    result = calibrate(pairs, settings.machine, settings.patch_sizes, progress=progress)
+    result = calibrate(
+        pairs, settings.machine, settings.patch_sizes, device=device, progress=progress
+    )
     seconds = time.perf_counter() - started
     result.write(
         scales_out,
@@ -387,3 +417,32 @@ def model_summary(settings: CnnSettings, model_path: str | Path) -> dict:
         "parameters": parameter_count(model),
         "receptive_field": receptive_field(settings.model),
     }
+
+
+def check_outputs(root: str | Path, section: dict) -> dict:
+    """What CI asserts after the chain ran for one model directory results/cnn/{dataset}/{model}:
+    the calibrated schedule is valid (length, odd sizes from the configured list), every r and r^2
+    is finite and in [-1, 1], the figures exist. Raises ValueError; returns the summary row."""
+    import numpy as np
+    import pandas as pd
+
+    root = Path(root)
+    n_steps = int(section.get("steps", 20))
+    allowed = set(section.get("calibration", {}).get("patch_sizes", DEFAULT_PATCH_SIZES))
+    scales = read_scales(root / "scales.txt", expected_length=n_steps)
+    if not set(scales) <= allowed:
+        raise ValueError(
+            f"{root}/scales.txt uses {sorted(set(scales) - allowed)}, not in {allowed}"
+        )
+    df = pd.read_csv(root / "r2.csv")
+    cols = [c for c in df.columns if c.startswith(("r_", "r2_"))]
+    values = df[cols].to_numpy(dtype=float)
+    if len(df) == 0 or len(cols) < 4:
+        raise ValueError(f"{root}/r2.csv has no r / r^2 values")
+    if not np.isfinite(values).all() or (np.abs(values) > 1).any():
+        raise ValueError(f"{root}/r2.csv has values outside [-1, 1] or not finite")
+    for name in ("loss.png", "calibration.png", "r2_scatter.png", "samples_grid.png"):
+        if not (root / name).is_file() or (root / name).stat().st_size == 0:
+            raise ValueError(f"{root}/{name} is missing or empty")
+    summary = pd.read_csv(root / "r2_summary.csv")
+    return {"scales": scales, **summary.iloc[0].to_dict()}
