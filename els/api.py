@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from .index import MACHINES, PatchIndex, PatchIndexError, check_patch_size
-from .machines import Provenance, denoise
+from .machines import DEFAULT_MEMORY_BUDGET, Provenance, denoise
 from .sampler import sample_reverse
 from .scales import validate_scales
 
@@ -52,6 +53,11 @@ def sample(
     provenance: bool = False,
     callback=None,
     disable: bool | None = None,
+    mode: str = "exact",
+    fast_fraction: float = 0.1,
+    fast_exact_below: float = 0.0,
+    fast_seed: int = 0,
+    materialize: bool = False,
 ):
     """Sample with machine `kind` from noise [B, C, H, W], patch size scales[i] at step i.
 
@@ -59,6 +65,14 @@ def sample(
     indexes: prebuilt PatchIndex per k (from build_indexes or PatchIndex.load) to reuse across calls.
     Returns the final images [B, C, H, W] (dtype, on device), or (images, Trajectory) with
     return_trajectory=True; provenance=True also records each step's Provenance in the trajectory.
+
+    mode: 'exact' (default: the softmax over every candidate) or 'fast' (opt-in, approximate): at
+    steps with t >= fast_exact_below the candidates are those of a fixed random subset of
+    ceil(fast_fraction * N) training images (chosen by fast_seed; the softmax over a uniform
+    subsample is the ratio estimator of the full one), exact below. Provenance image ids always
+    refer to the full training set.
+    materialize: keep each patch size's candidates as explicit floats while its steps run
+    (PatchIndex.materialize; only where they fit in a quarter of memory_budget).
     """
     if kind not in MACHINES:
         raise PatchIndexError(f"unknown machine {kind!r}; expected one of {', '.join(MACHINES)}")
@@ -79,10 +93,36 @@ def sample(
     on_device = {k: indexes[k].to(device) for k in needed}
     for k in needed:
         on_device[k].check(kind, k)
+    if mode not in ("exact", "fast"):
+        raise ValueError(f"mode={mode!r}: expected 'exact' or 'fast'")
+    subset, fast = None, {}
+    if mode == "fast":
+        if not 0.0 < fast_fraction <= 1.0:
+            raise ValueError(f"fast_fraction={fast_fraction} must be in (0, 1]")
+        full = train if train is not None else on_device[needed[0]].images
+        N = full.shape[0]
+        gen = torch.Generator().manual_seed(fast_seed)
+        subset = torch.randperm(N, generator=gen)[: max(1, math.ceil(fast_fraction * N))]
+        subset = subset.sort().values
+        fast_train = full.cpu()[subset]
+        fast = {k: PatchIndex.build(fast_train, kind, k).to(device) for k in needed}
+        subset = subset.to(device)
+    budget = memory_budget or DEFAULT_MEMORY_BUDGET
+    current = {}
 
     def denoiser(x, t, k):
-        idx = on_device[0 if kind == "ideal" else k]
+        key = 0 if kind == "ideal" else k
+        use_fast = mode == "fast" and t >= fast_exact_below
+        idx = fast[key] if use_fast else on_device[key]
+        if materialize and current.get("index") is not idx:
+            if current.get("index") is not None:
+                current["index"].release()
+            if idx.materialized_bytes(dtype) <= budget // 4:
+                idx.materialize(dtype, device)
+            current["index"] = idx
         out = denoise(idx, x, t, memory_budget=memory_budget, return_provenance=provenance)
+        if provenance and use_fast:
+            out[1].image = subset[out[1].image]
         return (out[0], {"provenance": out[1]}) if provenance else out
 
     trajectory = Trajectory() if return_trajectory else None
@@ -101,5 +141,9 @@ def sample(
         if callback is not None:
             callback(step)
 
-    out = sample_reverse(denoiser, x, scales, callback=record, disable=disable)
+    try:
+        out = sample_reverse(denoiser, x, scales, callback=record, disable=disable)
+    finally:
+        if current.get("index") is not None:
+            current["index"].release()
     return (out, trajectory) if return_trajectory else out

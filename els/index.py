@@ -304,7 +304,23 @@ class PatchIndex:
     def chunks(
         self, fam: Family, dtype: torch.dtype, device: torch.device, max_candidates: int
     ) -> Iterator[CandidateChunk]:
-        """Candidate chunks of a family, at most max_candidates per group, converted to dtype on device."""
+        """Candidate chunks of a family, at most max_candidates per group, converted to dtype on device.
+
+        Materialised families (see materialize) yield views of the explicit, centred candidates."""
+        mat = self.materialized(fam)
+        if mat is not None:
+            patches, centres, sq, log_mult, _ = mat
+            M = patches.shape[1]
+            step = max(1, max_candidates)
+            for m0 in range(0, M, step):
+                yield CandidateChunk(
+                    patches=patches[:, m0 : m0 + step],
+                    centres_and_ones=centres[:, m0 : m0 + step],
+                    sq_norms=sq[:, m0 : m0 + step],
+                    log_mult=None if log_mult is None else log_mult[:, m0 : m0 + step],
+                    first_id=m0,
+                )
+            return
         if fam.unique is not None:
             U = fam.unique.shape[1]
             step = max(1, max_candidates)
@@ -330,6 +346,90 @@ class PatchIndex:
                 log_mult=None,
                 first_id=i0 * S,
             )
+
+    # ----------------------------------------------------------------------------- materialised
+    def materialized_bytes(self, dtype: torch.dtype) -> int:
+        """Bytes that materialize() needs for every family at dtype (patches, centres, norms)."""
+        elt = torch.finfo(dtype).bits // 8
+        n, total = self.images.shape[0], 0
+        C = self.images.shape[1]
+        for fam in self.families:
+            M = fam.unique.shape[1] if fam.unique is not None else n * fam.positions_per_image
+            D = (
+                C * self.images.shape[2] * self.images.shape[3]
+                if fam.name == "whole"
+                else (C * self.k * self.k)
+            )
+            E = D if fam.name == "whole" else C
+            total += fam.groups * M * (D + E + 3) * elt
+        return total
+
+    def materialize(self, dtype: torch.dtype, device: torch.device | str) -> None:
+        """Keep every family's candidates as explicit floats on device, CENTRED on the family's mean
+        candidate mu (per group): patches c - mu, squared norms ||c - mu||^2 (from float64). The
+        softmax then sees q - a mu against c - mu: the same distances ||q - a c||^2, with far less
+        cancellation in float32 (the logits stay small). Reused by chunks() until release()."""
+        device = torch.device(device)
+        key = (dtype, device)
+        if getattr(self, "_materialized", None) is not None and self._materialized[0] == key:
+            return
+        self.release()
+        out = []
+        for fam in self.families:
+            if fam.unique is not None:
+                cand = _codes_to_float(fam.unique.to(device), torch.float64)
+                log_mult = fam.unique_log_mult.to(device, dtype)
+                weight = torch.exp(fam.unique_log_mult.to(device))  # 0 on padding
+                mu = (cand * weight.unsqueeze(2)).sum(1) / weight.sum(1, keepdim=True)
+                centred = (cand - mu.unsqueeze(1)) * (weight > 0).unsqueeze(2)  # padding: 0
+                out.append(
+                    (
+                        centred.to(dtype),
+                        self._centres_and_ones(fam, cand.to(dtype)),
+                        centred.square().sum(dim=2).to(dtype),
+                        log_mult,
+                        mu.to(dtype),
+                    )
+                )
+                continue
+            # implicit candidates: two passes over image chunks (the mean, then the centred floats)
+            images = self.images.to(device)
+            N, step = images.shape[0], 256
+
+            def unfold(i, fam=fam, images=images, step=step):
+                return self._unfold_family(fam, to_float(images[i : i + step], torch.float64))
+
+            total = None
+            for i in range(0, N, step):
+                part = unfold(i).sum(dim=1)
+                total = part if total is None else total + part
+            S = fam.positions_per_image
+            mu = total / (N * S)
+            G, D = mu.shape
+            E = D if fam.name == "whole" else self.images.shape[1]
+            patches = torch.empty(G, N * S, D, dtype=dtype, device=device)
+            centres = torch.empty(G, N * S, E + 1, dtype=dtype, device=device)
+            sq = torch.empty(G, N * S, dtype=dtype, device=device)
+            for i in range(0, N, step):
+                cand = unfold(i)
+                sl = slice(i * S, i * S + cand.shape[1])
+                centred = cand - mu.unsqueeze(1)
+                patches[:, sl] = centred
+                sq[:, sl] = centred.square().sum(dim=2)
+                centres[:, sl] = self._centres_and_ones(fam, cand)
+            out.append((patches, centres, sq, None, mu.to(dtype)))
+        self._materialized = (key, out)
+
+    def release(self) -> None:
+        """Drop the materialised candidates (see materialize)."""
+        self._materialized = None
+
+    def materialized(self, fam: Family):
+        """(patches, centres_and_ones, sq_norms, log_mult, mu) of fam if materialised, else None."""
+        m = getattr(self, "_materialized", None)
+        if m is None:
+            return None
+        return m[1][self.families.index(fam)]
 
     def _centres_and_ones(self, fam: Family, patches: torch.Tensor) -> torch.Tensor:
         """[G, M, E + 1]: each candidate's centre value(s) (the whole image for the ideal score) and a 1."""

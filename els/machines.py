@@ -38,11 +38,29 @@ def _check_time(t: float) -> None:
         raise ValueError(f"t={t} is outside (0, 1): the score is defined for 0 < t < 1")
 
 
+def _centred_queries(index: PatchIndex, fam, queries: torch.Tensor, a: float) -> torch.Tensor:
+    """Materialised candidates are centred on mu (see PatchIndex.materialize): q -> q - a mu."""
+    mat = index.materialized(fam)
+    if mat is None:
+        return queries
+    mu = mat[4]
+    return queries - a * mu.unsqueeze(1)
+
+
 def _chunk_candidates(
-    index: PatchIndex, groups: int, queries: int, dim: int, centre: int, dtype, budget: int
+    index: PatchIndex,
+    groups: int,
+    queries: int,
+    dim: int,
+    centre: int,
+    dtype,
+    budget: int,
+    fam=None,
 ) -> int:
     """Candidates per group per chunk from the memory budget and a cache-sized logits block."""
     elt = torch.finfo(dtype).bits // 8
+    if fam is not None and index.materialized(fam) is not None:
+        dim = 0  # chunks are views of the materialised candidates: only logits and weights
     # per candidate and group: unfolded patch (twice: unfold then gather), logits and weights, centres
     per_candidate = elt * groups * (2 * dim + 2 * queries + centre)
     by_budget = max(1, budget // per_candidate)
@@ -86,9 +104,9 @@ def denoise(
     if index.machine == "ideal":
         fam = index.families[0]
         D = C * H * W
-        step = _chunk_candidates(index, 1, B, D, D, dtype, budget)
+        step = _chunk_candidates(index, 1, B, D, D, dtype, budget, fam)
         mean, stats = streaming_softmax_mean(
-            x.reshape(1, B, D),
+            _centred_queries(index, fam, x.reshape(1, B, D), a),
             index.chunks(fam, dtype, device, step),
             a=a,
             b2=b2,
@@ -120,9 +138,9 @@ def denoise(
         pos = fam.query_pos.to(device).reshape(-1)
         queries = query_cols[:, :, pos].view(B, D, G, per_group).permute(2, 0, 3, 1)
         queries = queries.reshape(G, B * per_group, D)
-        step = _chunk_candidates(index, G, B * per_group, D, C, dtype, budget)
+        step = _chunk_candidates(index, G, B * per_group, D, C, dtype, budget, fam)
         mean, stats = streaming_softmax_mean(
-            queries,
+            _centred_queries(index, fam, queries, a),
             index.chunks(fam, dtype, device, step),
             a=a,
             b2=b2,
