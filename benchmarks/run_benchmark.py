@@ -1,0 +1,341 @@
+"""Benchmark of bbELS sampling: the straightforward baseline (benchmarks/baseline.py), the library's
+exact mode and its fast mode, in ONE process on the same machine (ratios are what to compare: the
+cores may be shared). See benchmarks/README.md.
+
+    .venv/bin/python benchmarks/run_benchmark.py            # full: FashionMNIST class 3, N = 6000
+    .venv/bin/python benchmarks/run_benchmark.py --quick    # smoke version: N = 200, 2 samples for r^2
+
+Writes results/benchmarks/<name>_evals.csv, _samples.csv, _r2.csv (rows appended as they finish).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import els  # noqa: E402
+from benchmarks.baseline import baseline_denoise, baseline_sample  # noqa: E402
+from els.data import load_prepared  # noqa: E402
+from els.schedule import noise_scale, signal_scale  # noqa: E402
+
+# FashionMNIST, ResNet, zero padding, conditional (published_scales.csv): the paper's schedule
+FASHION_RESNET = [3, 3, 5, 5, 7, 7, 9, 9, 9, 11, 11, 11, 13, 13, 13, 15, 15, 15, 17, 17]
+
+
+class PeakRSS:
+    """Peak resident memory of this process while the block runs (polls /proc every 5 ms)."""
+
+    def __enter__(self):
+        self.peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _poll(self):
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, self._rss())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+
+def timed(fn):
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        out = fn()
+        dt = time.perf_counter() - t0
+    return out, dt, mem.peak / 2**30
+
+
+class Writer:
+    def __init__(self, path: Path, fields):
+        self.path, self.fields = path, fields
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", newline="") as f:
+            csv.writer(f).writerow(fields)
+
+    def row(self, **values):
+        with open(self.path, "a", newline="") as f:
+            csv.writer(f).writerow([values.get(k, "") for k in self.fields])
+        print(" ".join(f"{k}={_fmt(values.get(k, ''))}" for k in self.fields), flush=True)
+
+
+def _fmt(v):
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def r_squared(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """1 - SSE / SST of pred against target, over all pixels of all images."""
+    pred, target = pred.double().flatten(), target.double().flatten()
+    sst = (target - target.mean()).square().sum()
+    return float(1 - (pred - target).square().sum() / sst)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--data", default="/tmp/fm/train.safetensors", help="prepared FashionMNIST")
+    p.add_argument("--cls", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="small smoke version (N=200)")
+    p.add_argument("--n-train", type=int, default=None, help="training images (default: all)")
+    p.add_argument("--ks", default="3,11,17")
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--evals", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--samples", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument(
+        "--baseline-batch8-sample",
+        action="store_true",
+        help="also run the baseline's full sample at B=8 (hours at N=6000)",
+    )
+    p.add_argument("--r2-classes", default="0,1,2,3,4,5,6,7,8,9")
+    p.add_argument("--r2-seeds", type=int, default=2, help="seeds per class for fast-mode r^2")
+    p.add_argument("--fast-fraction", type=float, default=0.1)
+    p.add_argument("--fast-exact-below", type=float, default=0.0)
+    p.add_argument("--memory-budget-gb", type=float, default=8.0)
+    p.add_argument("--out", default="results/benchmarks")
+    p.add_argument("--name", default=None)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.n_train = args.n_train or 200
+        args.r2_classes, args.r2_seeds = "0,3", 1
+    name = args.name or ("quick" if args.quick else "full")
+    out = Path(args.out)
+    budget = int(args.memory_budget_gb * 2**30)
+    ks = [int(k) for k in args.ks.split(",")]
+    batches = [int(b) for b in args.batches.split(",")]
+    torch.set_grad_enabled(False)
+
+    train, _ = load_prepared(args.data, cls=args.cls)
+    if args.n_train:
+        train = train[: args.n_train]
+    N = train.shape[0]
+    load = os.getloadavg()
+    print(
+        f"# {name}: FashionMNIST class {args.cls}, N={N}, torch {torch.__version__}, "
+        f"threads {torch.get_num_threads()}, cpus {sorted(os.sched_getaffinity(0))}, "
+        f"load {load[0]:.2f}, budget {args.memory_budget_gb} GB",
+        flush=True,
+    )
+    fast_opts = dict(fast_fraction=args.fast_fraction, fast_exact_below=args.fast_exact_below)
+    n = len(FASHION_RESNET)
+
+    # ------------------------------------------------------------------ per score evaluation
+    if args.evals:
+        ev = Writer(
+            out / f"{name}_evals.csv",
+            [
+                "k",
+                "t",
+                "batch",
+                "mode",
+                "seconds",
+                "per_image_s",
+                "ratio_to_baseline",
+                "max_abs_diff_vs_baseline",
+                "peak_rss_gb",
+                "build_s",
+                "load1",
+            ],
+        )
+        for k in ks:
+            i = max(
+                j for j in range(1, n) if FASHION_RESNET[j] == k
+            )  # the step using k at largest t
+            t = i / n
+            a, b = signal_scale(t), noise_scale(t)
+            index, build_s, _ = timed(lambda k=k: els.PatchIndex.build(train, "bbels", k))
+            fast_n = max(1, math.ceil(args.fast_fraction * N))
+            subset = torch.randperm(N, generator=torch.Generator().manual_seed(0))[:fast_n]
+            subset = subset.sort().values  # the subset els.sample(mode='fast') uses (fast_seed=0)
+            fast_index, fast_build_s, _ = timed(
+                lambda k=k, s=subset: els.PatchIndex.build(train[s], "bbels", k)
+            )
+            for B in batches:
+                g = torch.Generator().manual_seed(100 + B)
+                clean = els.index.to_float(
+                    train[torch.randint(N, (B,), generator=g)], torch.float32
+                )
+                x = a * clean + b * torch.randn(clean.shape, generator=g)
+                mb, tb, mem_b = timed(lambda x=x, t=t, k=k: baseline_denoise(x, t, train, k))
+                ev.row(
+                    k=k,
+                    t=t,
+                    batch=B,
+                    mode="baseline",
+                    seconds=tb,
+                    per_image_s=tb / B,
+                    ratio_to_baseline=1.0,
+                    max_abs_diff_vs_baseline=0.0,
+                    peak_rss_gb=mem_b,
+                    load1=os.getloadavg()[0],
+                )
+                for mode, idx, bs in (
+                    ("exact", index, build_s),
+                    ("fast", fast_index, fast_build_s),
+                ):
+                    m, dt, mem = timed(
+                        lambda idx=idx, x=x, t=t: els.denoise(idx, x, t, memory_budget=budget)
+                    )
+                    ev.row(
+                        k=k,
+                        t=t,
+                        batch=B,
+                        mode=mode,
+                        seconds=dt,
+                        per_image_s=dt / B,
+                        ratio_to_baseline=tb / dt,
+                        max_abs_diff_vs_baseline=(m - mb).abs().max().item(),
+                        peak_rss_gb=mem,
+                        build_s=bs,
+                        load1=os.getloadavg()[0],
+                    )
+            del index, fast_index
+
+    # ------------------------------------------------------------------ full 19-step samples
+    if args.samples:
+        sp = Writer(
+            out / f"{name}_samples.csv",
+            [
+                "batch",
+                "mode",
+                "seconds",
+                "per_sample_s",
+                "ratio_to_baseline",
+                "max_abs_diff_vs_baseline",
+                "max_abs_diff_vs_exact",
+                "r2_vs_exact",
+                "peak_rss_gb",
+                "build_s",
+                "load1",
+            ],
+        )
+        indexes, build_s, _ = timed(lambda: els.build_indexes("bbels", train, FASHION_RESNET))
+        print(f"# index build for k={sorted(indexes)}: {build_s:.1f} s", flush=True)
+        for B in batches:
+            noise = torch.randn(B, 1, 32, 32, generator=torch.Generator().manual_seed(B))
+            base = None
+            if B == 1 or args.baseline_batch8_sample:
+                base, tb, mem_b = timed(
+                    lambda noise=noise: baseline_sample(train, FASHION_RESNET, noise)
+                )
+                sp.row(
+                    batch=B,
+                    mode="baseline",
+                    seconds=tb,
+                    per_sample_s=tb / B,
+                    ratio_to_baseline=1.0,
+                    max_abs_diff_vs_baseline=0.0,
+                    peak_rss_gb=mem_b,
+                    load1=os.getloadavg()[0],
+                )
+            exact = None
+            for mode, opts in (("exact", {}), ("fast", dict(mode="fast", **fast_opts))):
+                x, dt, mem = timed(
+                    lambda noise=noise, opts=opts: els.sample(
+                        "bbels",
+                        train,
+                        FASHION_RESNET,
+                        noise,
+                        indexes=indexes,
+                        memory_budget=budget,
+                        disable=True,
+                        **opts,
+                    )
+                )
+                exact = x if mode == "exact" else exact
+                row = dict(
+                    batch=B,
+                    mode=mode,
+                    seconds=dt,
+                    per_sample_s=dt / B,
+                    max_abs_diff_vs_exact=(x - exact).abs().max().item(),
+                    r2_vs_exact=r_squared(x, exact),
+                    peak_rss_gb=mem,
+                    build_s=build_s,
+                    load1=os.getloadavg()[0],
+                )
+                if base is not None:
+                    row.update(
+                        ratio_to_baseline=tb / dt,
+                        max_abs_diff_vs_baseline=(x - base).abs().max().item(),
+                    )
+                sp.row(**row)
+        del indexes
+
+    # ------------------------------------------------------------------ fast-mode r^2 across classes
+    classes = [int(c) for c in args.r2_classes.split(",") if c != ""]
+    if classes:
+        rw = Writer(
+            out / f"{name}_r2.csv",
+            ["cls", "seeds", "exact_s", "fast_s", "r2_vs_exact", "max_abs_diff"],
+        )
+        exact_all, fast_all = [], []
+        for c in classes:
+            tr, _ = load_prepared(args.data, cls=c)
+            if args.n_train:
+                tr = tr[: args.n_train]
+            noise = torch.randn(
+                args.r2_seeds, 1, 32, 32, generator=torch.Generator().manual_seed(1000 + c)
+            )
+            idx = els.build_indexes("bbels", tr, FASHION_RESNET)
+            ex, te, _ = timed(
+                lambda tr=tr, noise=noise, idx=idx: els.sample(
+                    "bbels",
+                    tr,
+                    FASHION_RESNET,
+                    noise,
+                    indexes=idx,
+                    memory_budget=budget,
+                    disable=True,
+                )
+            )
+            fa, tf, _ = timed(
+                lambda tr=tr, noise=noise, idx=idx: els.sample(
+                    "bbels",
+                    tr,
+                    FASHION_RESNET,
+                    noise,
+                    indexes=idx,
+                    memory_budget=budget,
+                    disable=True,
+                    mode="fast",
+                    **fast_opts,
+                )
+            )
+            exact_all.append(ex)
+            fast_all.append(fa)
+            rw.row(
+                cls=c,
+                seeds=args.r2_seeds,
+                exact_s=te,
+                fast_s=tf,
+                r2_vs_exact=r_squared(fa, ex),
+                max_abs_diff=(fa - ex).abs().max().item(),
+            )
+        rw.row(
+            cls="all",
+            seeds=args.r2_seeds * len(classes),
+            r2_vs_exact=r_squared(torch.cat(fast_all), torch.cat(exact_all)),
+            max_abs_diff=(torch.cat(fast_all) - torch.cat(exact_all)).abs().max().item(),
+        )
+    print(f"# wrote {out}/{name}_*.csv", flush=True)
+
+
+if __name__ == "__main__":
+    main()
