@@ -42,7 +42,6 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
-import safetensors.torch
 import torch
 import torchvision
 from PIL import Image, UnidentifiedImageError
@@ -50,6 +49,8 @@ from safetensors import safe_open
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.datasets.utils import extract_archive
 from tqdm import tqdm
+
+from .safetensors_file import save_file
 
 logger = logging.getLogger(__name__)
 
@@ -723,7 +724,7 @@ def _save_atomically(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
     descriptor, temporary = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     os.close(descriptor)
     try:
-        safetensors.torch.save_file(tensors, temporary, metadata=metadata)
+        save_file(tensors, temporary, metadata=metadata)  # sorted metadata: same bytes every run
         with open(temporary, "rb") as stream:
             os.fsync(stream.fileno())
         os.chmod(temporary, 0o644)  # mkstemp creates 0600

@@ -495,7 +495,7 @@ class PatchIndex:
 
     def save(self, path: str | Path) -> None:
         """Write the index as safetensors (no pickle), atomically, with a content checksum."""
-        from safetensors.torch import save_file
+        from .safetensors_file import save_file  # sorted metadata: same bytes every run
 
         tensors = self._tensors()
         meta = {
