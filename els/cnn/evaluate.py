@@ -68,6 +68,13 @@ def summarize(df: pd.DataFrame, by: str | None = "class") -> pd.DataFrame:
     return pd.concat([overall, per], ignore_index=True)
 
 
+DISPLAY_NAMES = {"ideal": "IS", "bbels": "bbELS", "els": "ELS", "ls": "LS"}
+
+
+def display_name(machine: str) -> str:
+    return DISPLAY_NAMES.get(machine, machine)
+
+
 def _pyplot():
     import matplotlib
 
@@ -89,11 +96,19 @@ def plot_r2_scatter(
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_aspect("equal")
-    ax.set_xlabel(f"r² (CNN vs {x.upper()} sample)")
-    ax.set_ylabel(f"r² (CNN vs {y.upper()} sample)")
+    nx, ny = display_name(x), display_name(y)
+    ax.set_xlabel(f"r² (CNN vs {nx} sample)")
+    ax.set_ylabel(f"r² (CNN vs {ny} sample)")
     med_x, med_y = df[f"r2_{x}"].median(), df[f"r2_{y}"].median()
-    ax.set_title(
-        title or f"median r²: {y.upper()} {med_y:.3f}, {x.upper()} {med_x:.3f}", fontsize=9
+    ax.set_title(title or f"median r²: {ny} {med_y:.3f}, {nx} {med_x:.3f}", fontsize=9)
+    ax.text(
+        0.02,
+        0.98,
+        "r² = squared Pearson r of the\ncentred, flattened images",
+        fontsize=6.5,
+        va="top",
+        transform=ax.transAxes,
+        color="0.3",
     )
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()

@@ -24,7 +24,7 @@ from ..api import sample as machine_sample
 from ..data import load_prepared
 from ..scales import read_scales
 from .calibrate import DEFAULT_PATCH_SIZES, calibrate, plot_calibration
-from .evaluate import plot_r2_scatter, plot_sample_grid, r2_table, summarize
+from .evaluate import display_name, plot_r2_scatter, plot_sample_grid, r2_table, summarize
 from .models import ModelConfig, load_model, parameter_count, read_metadata, receptive_field
 from .sample import sample_cnn
 from .train import TrainConfig, train_noise_predictor
@@ -47,7 +47,7 @@ class CnnSettings:
     name: str
     dataset: str
     classes: tuple[int, ...]
-    max_per_class: int | None
+    max_train_per_class: int | None
     conditional: bool
     model: ModelConfig
     train: TrainConfig
@@ -91,7 +91,7 @@ def resolve_settings(section: dict, name: str, num_classes: int) -> CnnSettings:
         name=name,
         dataset=section["dataset"],
         classes=tuple(int(c) for c in section["classes"]),
-        max_per_class=section.get("max_per_class"),
+        max_train_per_class=section.get("max_train_per_class"),
         conditional=conditional,
         model=model,
         train=train,
@@ -144,7 +144,9 @@ def training_set(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The CNN's training images and labels; with cls, only that class's ('all': every class)."""
     classes = settings.classes if cls in (None, ALL_CLASSES) else (int(cls),)
-    parts = [load_prepared(data_path, cls=c, max_per_class=settings.max_per_class) for c in classes]
+    parts = [
+        load_prepared(data_path, cls=c, max_per_class=settings.max_train_per_class) for c in classes
+    ]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
@@ -384,7 +386,7 @@ def stage_evaluate(
         scatter_out,
         x="ideal",
         y=machine,
-        title=f"{settings.name}: median r² {machine.upper()} "
+        title=f"{settings.name}: median r² {display_name(machine)} "
         f"{df[f'r2_{machine}'].median():.3f}, IS {df['r2_ideal'].median():.3f}",
     )
     rows = _grid_rows(df, settings.grid_rows)
@@ -394,10 +396,10 @@ def stage_evaluate(
         for name, key in ((machine, machine), ("ideal", "ideal"))
     }
     plot_sample_grid(
-        {"CNN": columns["CNN"], machine.upper(): columns[machine], "IS": columns["ideal"]},
+        {"CNN": columns["CNN"], display_name(machine): columns[machine], "IS": columns["ideal"]},
         grid_out,
         row_labels=[f"c{df['class'].iloc[i]} s{df['seed'].iloc[i]}" for i in rows],
-        column_notes={machine.upper(): notes[machine], "IS": notes["ideal"]},
+        column_notes={display_name(machine): notes[machine], "IS": notes["ideal"]},
     )
     return summary.iloc[0].to_dict()
 

@@ -37,9 +37,11 @@ rule train_cnn:
     log:
         "logs/train_cnn/{dataset}/{model}.log",
     benchmark:
-        "benchmarks/train_cnn/{dataset}/{model}.tsv"
-    threads: 4
+        "logs/benchmarks/train_cnn/{dataset}/{model}.tsv"
+    threads: CNN_RULES.resource("train", "threads")
     resources:
+        mem_mb=CNN_RULES.resource("train", "mem_mb"),
+        runtime=CNN_RULES.resource("train", "runtime"),
         gpu=CNN_RULES.gpu,
     params:
         cnn=CNN_RULES.params("train"),
@@ -66,9 +68,11 @@ rule calibrate_schedule:
     log:
         "logs/calibrate_schedule/{dataset}/{model}.log",
     benchmark:
-        "benchmarks/calibrate_schedule/{dataset}/{model}.tsv"
-    threads: 4
+        "logs/benchmarks/calibrate_schedule/{dataset}/{model}.tsv"
+    threads: CNN_RULES.resource("calibrate", "threads")
     resources:
+        mem_mb=CNN_RULES.resource("calibrate", "mem_mb"),
+        runtime=CNN_RULES.resource("calibrate", "runtime"),
         gpu=CNN_RULES.gpu,
     params:
         cnn=CNN_RULES.params("calibrate"),
@@ -80,13 +84,15 @@ rule sample_cnn:
     input:
         model=f"{CNN_ROOT}/model.safetensors",
     output:
-        samples=f"{CNN_ROOT}/samples/cnn/{{class}}.safetensors",
+        samples=f"{CNN_ROOT}/samples/cnn/{{cls}}.safetensors",
     log:
-        "logs/sample_cnn/{dataset}/{model}/{class}.log",
+        "logs/sample_cnn/{dataset}/{model}/{cls}.log",
     benchmark:
-        "benchmarks/sample_cnn/{dataset}/{model}/{class}.tsv"
-    threads: 2
+        "logs/benchmarks/sample_cnn/{dataset}/{model}/{cls}.tsv"
+    threads: CNN_RULES.resource("sample", "threads")
     resources:
+        mem_mb=CNN_RULES.resource("sample", "mem_mb"),
+        runtime=CNN_RULES.resource("sample", "runtime"),
         gpu=CNN_RULES.gpu,
     params:
         cnn=CNN_RULES.params("sample"),
@@ -99,13 +105,15 @@ rule sample_machines_cnn:
         data=CNN_RULES.prepared_data,
         scales=f"{CNN_ROOT}/scales.txt",
     output:
-        samples=f"{CNN_ROOT}/samples/machines/{{class}}.safetensors",
+        samples=f"{CNN_ROOT}/samples/machines/{{cls}}.safetensors",
     log:
-        "logs/sample_machines_cnn/{dataset}/{model}/{class}.log",
+        "logs/sample_machines_cnn/{dataset}/{model}/{cls}.log",
     benchmark:
-        "benchmarks/sample_machines_cnn/{dataset}/{model}/{class}.tsv"
-    threads: 4
+        "logs/benchmarks/sample_machines_cnn/{dataset}/{model}/{cls}.tsv"
+    threads: CNN_RULES.resource("sample", "threads")
     resources:
+        mem_mb=CNN_RULES.resource("sample", "mem_mb"),
+        runtime=CNN_RULES.resource("sample", "runtime"),
         gpu=CNN_RULES.gpu,
     params:
         cnn=CNN_RULES.params("sample"),
@@ -140,8 +148,11 @@ rule evaluate_r2:
     log:
         "logs/evaluate_r2/{dataset}/{model}.log",
     benchmark:
-        "benchmarks/evaluate_r2/{dataset}/{model}.tsv"
-    threads: 1
+        "logs/benchmarks/evaluate_r2/{dataset}/{model}.tsv"
+    threads: CNN_RULES.resource("evaluate", "threads")
+    resources:
+        mem_mb=CNN_RULES.resource("evaluate", "mem_mb"),
+        runtime=CNN_RULES.resource("evaluate", "runtime"),
     params:
         cnn=CNN_RULES.params("evaluate"),
     script:

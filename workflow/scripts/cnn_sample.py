@@ -17,5 +17,5 @@ with open(snakemake.log[0], "w") as log:
         model_path=snakemake.input.model,
     )
     stages.stage_sample_cnn(
-        settings, snakemake.input.model, snakemake.wildcards["class"], snakemake.output.samples
+        settings, snakemake.input.model, snakemake.wildcards.cls, snakemake.output.samples
     )

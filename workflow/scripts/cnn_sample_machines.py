@@ -21,6 +21,6 @@ with open(snakemake.log[0], "w") as log:
         settings,
         snakemake.input.data,
         snakemake.input.scales,
-        snakemake.wildcards["class"],
+        snakemake.wildcards.cls,
         snakemake.output.samples,
     )
