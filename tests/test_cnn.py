@@ -186,6 +186,9 @@ def test_training_is_reproducible_and_resumes_exactly(tmp_path):
     resumed = train_noise_predictor(mc, tc, images, labels, tmp_path / "c", progress=False)
     assert resumed.resumed_from == 5 and resumed.steps == 12
     ref = _params(straight.model)
+    # byte-reproducible model files (sorted safetensors metadata, no timings in them)
+    model_bytes = [(tmp_path / d / "model.safetensors").read_bytes() for d in "abc"]
+    assert model_bytes[0] == model_bytes[1] == model_bytes[2]
     for other in (again, resumed):
         for name, value in _params(other.model).items():
             assert torch.equal(value, ref[name]), name

@@ -15,8 +15,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
+
+from ..safetensors_file import save_file
 
 ARCHITECTURES = ("resnet", "unet")
 PADDINGS = ("zeros", "circular")

@@ -12,16 +12,16 @@ seed, shape).
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..api import sample as machine_sample
 from ..data import load_prepared
+from ..safetensors_file import save_file
 from ..scales import read_scales
 from .calibrate import DEFAULT_PATCH_SIZES, calibrate, plot_calibration
 from .evaluate import display_name, plot_r2_scatter, plot_sample_grid, r2_table, summarize
@@ -250,18 +250,16 @@ def stage_calibrate(
             disable=True,
         )
         pairs.append((trajectory, images))
-    started = time.perf_counter()
     result = calibrate(
         pairs, settings.machine, settings.patch_sizes, device=device, progress=progress
     )
-    seconds = time.perf_counter() - started
+    # no timings in the file: a rerun writes the same bytes (the benchmark file has the time)
     result.write(
         scales_out,
         table_out,
         comment=f"CNN {settings.name} ({settings.model.arch}, {settings.model.padding} padding), "
         f"machine {settings.machine}, dataset {settings.dataset}, classes "
-        f"{list(settings.class_labels)}, seeds {list(settings.calibration_seeds)}; "
-        f"{seconds:.0f} s",
+        f"{list(settings.class_labels)}, seeds {list(settings.calibration_seeds)}",
     )
     plot_calibration(result, figure_out, title=f"{settings.name}: {settings.machine} vs CNN score")
     return result.scales

@@ -22,10 +22,11 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from ..index import images_fingerprint, to_float
+from ..safetensors_file import save_file
 from .models import (
     ModelConfig,
     NoisePredictor,
@@ -398,7 +399,6 @@ def train_noise_predictor(
                 "data_fingerprint": fingerprint,
                 "image_shape": json.dumps(list(images.shape[1:])),
                 "steps": str(total),
-                "train_seconds": f"{seconds:.1f}",
             },
         )
         plot_loss(
