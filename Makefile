@@ -1,0 +1,46 @@
+# ELS reproduction pipeline. `make run` sets up and runs the default config; `make test` sets up and
+# runs the tests. See README.md.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CONFIG ?= config.yaml
+CORES ?= all
+SNAKEMAKE := $(PY) -m snakemake --cores $(CORES) --workflow-profile workflow/profiles/default
+
+.PHONY: setup run report dry-run test lint clean
+
+# The virtual environment: CPU/CUDA torch from PyPI first (pinned), then this package with the
+# workflow and test tools (pyproject.toml's `dev` extra). Redone when pyproject.toml changes.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+# FashionMNIST is found by the data rule: torchvision's download, else a local copy in
+# data.local_dirs (default /usr/share/datasets/fashion-mnist), else apt-get (as root).
+run: setup
+	$(SNAKEMAKE) --configfile $(CONFIG)
+	$(SNAKEMAKE) --configfile $(CONFIG) --report results/report.html
+	@echo "done: results/summary.csv, results/figures/, results/report.html"
+
+report: setup
+	$(SNAKEMAKE) --configfile $(CONFIG) --report results/report.html
+
+dry-run: setup
+	$(SNAKEMAKE) --configfile $(CONFIG) --dry-run
+
+test: setup
+	$(PY) -m pytest
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(VENV)/bin/snakefmt --check Snakefile workflow/rules
+	$(PY) -m snakemake --lint --configfile $(CONFIG)
+
+clean:
+	rm -rf results logs .snakemake

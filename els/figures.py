@@ -1,0 +1,161 @@
+"""Every matplotlib figure of the pipeline (Agg backend, written atomically as PNG).
+
+Images are [C, H, W] tensors: floats in [-1, 1] (samples, predicted clean images, noisy states) or
+uint8 (training images). Grayscale shows with a fixed gray map over [-1, 1] so that panels compare.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from .io import write_with  # noqa: E402
+
+DPI = 100
+MACHINE_LABELS = {"ideal": "IS", "ls": "LS", "els": "ELS", "bbels": "bbELS"}
+
+
+def display_array(image: torch.Tensor) -> np.ndarray:
+    """[C, H, W] -> values in [0, 1] for imshow: [H, W] for one channel, [H, W, 3] for three."""
+    if image.dim() != 3:
+        raise ValueError(f"expected an image [C, H, W], got shape {tuple(image.shape)}")
+    x = image.detach().cpu()
+    x = x.double() / 255.0 if x.dtype == torch.uint8 else (x.double() + 1.0) / 2.0
+    x = x.clamp(0.0, 1.0).numpy()
+    return x[0] if x.shape[0] == 1 else x.transpose(1, 2, 0)
+
+
+def show(ax, image: torch.Tensor | None, title: str | None = None, fontsize: float = 8) -> None:
+    """Draw one image without axes (an empty panel when image is None)."""
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    if image is not None:
+        array = display_array(image)
+        ax.imshow(
+            array,
+            cmap="gray" if array.ndim == 2 else None,
+            vmin=0.0,
+            vmax=1.0,
+            interpolation="nearest",
+        )
+    if title:
+        ax.set_title(title, fontsize=fontsize)
+
+
+def save(fig, path: str | os.PathLike) -> Path:
+    """Save a figure as PNG atomically and close it."""
+    try:
+        return write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
+    finally:
+        plt.close(fig)
+
+
+def machine_label(machine: str) -> str:
+    return MACHINE_LABELS.get(machine, machine)
+
+
+def pair_figure(
+    path: str | os.PathLike,
+    sample: torch.Tensor,
+    neighbour: torch.Tensor,
+    *,
+    title: str,
+    sample_title: str = "sample",
+    neighbour_title: str = "nearest training image",
+) -> Path:
+    """sample | nearest training image, with a title (class, seed, distance)."""
+    fig, axes = plt.subplots(1, 2, figsize=(4.4, 2.8))
+    show(axes[0], sample, sample_title)
+    show(axes[1], neighbour, neighbour_title)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def grid_figure(
+    path: str | os.PathLike,
+    images: Mapping[tuple[str, str], torch.Tensor],
+    rows: Sequence[str],
+    columns: Sequence[str],
+    *,
+    title: str,
+    row_labels: Sequence[str] | None = None,
+    column_labels: Sequence[str] | None = None,
+) -> Path:
+    """A grid of images: images[(row, column)], rows top to bottom, columns left to right."""
+    row_labels = list(row_labels or rows)
+    column_labels = list(column_labels or columns)
+    nr, nc = len(rows), len(columns)
+    fig, axes = plt.subplots(nr, nc, figsize=(1.2 * nc + 1.6, 1.2 * nr + 0.8), squeeze=False)
+    for i, r in enumerate(rows):
+        for j, c in enumerate(columns):
+            ax = axes[i][j]
+            show(ax, images.get((r, c)), column_labels[j] if i == 0 else None)
+            if j == 0:
+                ax.set_ylabel(row_labels[i], fontsize=8, rotation=0, ha="right", va="center")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def comparison_figure(
+    path: str | os.PathLike,
+    columns: Sequence[Mapping],
+    *,
+    title: str,
+) -> Path:
+    """One column per machine: the sample on top, its nearest training image below.
+
+    columns: dicts with 'label', 'sample', 'neighbour' (images) and 'neighbour_title'.
+    """
+    n = len(columns)
+    fig, axes = plt.subplots(2, n, figsize=(1.9 * n + 0.9, 4.4), squeeze=False)
+    for j, col in enumerate(columns):
+        show(axes[0][j], col["sample"], col["label"], fontsize=10)
+        show(axes[1][j], col["neighbour"], col.get("neighbour_title"), fontsize=8)
+    axes[0][0].set_ylabel("sample", fontsize=9)
+    axes[1][0].set_ylabel("nearest\ntraining image", fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def trajectory_figure(
+    path: str | os.PathLike,
+    t: Sequence[float],
+    k: Sequence[int],
+    x: torch.Tensor,
+    denoised: torch.Tensor,
+    *,
+    title: str,
+    noise: torch.Tensor | None = None,
+) -> Path:
+    """Per reverse step (columns, t decreasing): x after the step (top) and the predicted clean image
+    (bottom), each column annotated with t and the patch size k used at that step."""
+    steps = len(t)
+    if not (len(k) == steps == x.shape[0] == denoised.shape[0]):
+        raise ValueError("t, k, x and denoised must have one entry per step")
+    offset = 1 if noise is not None else 0
+    n = steps + offset
+    fig, axes = plt.subplots(2, n, figsize=(0.85 * n + 0.9, 2.6), squeeze=False)
+    if noise is not None:
+        show(axes[0][0], noise, "noise", fontsize=7)
+        show(axes[1][0], None)
+    for j in range(steps):
+        show(axes[0][offset + j], x[j], f"t={t[j]:.2f}\nk={k[j]}", fontsize=7)
+        show(axes[1][offset + j], denoised[j])
+    axes[0][0].set_ylabel("x after step", fontsize=8)
+    axes[1][offset].set_ylabel("predicted\nclean", fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return save(fig, path)

@@ -1,0 +1,88 @@
+"""Nearest training images of a sample by pixel L2 distance, in the [-1, 1] pixel space of the data.
+
+Training images are the prepared uint8 set (u -> u / 127.5 - 1, as the machines see them); distances
+are computed in float64 over chunks, so the whole 60000-image set never needs a float copy at once.
+Ties go to the lowest training index (dataset order).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .index import to_float
+
+CHUNK = 8192
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    """The nearest training image: its index in the whole training set, its class, the L2 distance."""
+
+    index: int
+    label: int
+    distance: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def l2_distances(
+    sample: torch.Tensor, train_images: torch.Tensor, chunk: int = CHUNK
+) -> torch.Tensor:
+    """Pixel L2 distance [N] (float64) from sample [C, H, W] to each of train_images [N, C, H, W]."""
+    if sample.dim() != 3:
+        raise ValueError(f"sample must be [C, H, W], got shape {tuple(sample.shape)}")
+    if train_images.dim() != 4 or tuple(train_images.shape[1:]) != tuple(sample.shape):
+        raise ValueError(
+            f"training images {tuple(train_images.shape)} do not match the sample {tuple(sample.shape)}"
+        )
+    x = sample.detach().cpu().to(torch.float64).reshape(1, -1)
+    out = torch.empty(train_images.shape[0], dtype=torch.float64)
+    for i in range(0, train_images.shape[0], chunk):
+        block = to_float(train_images[i : i + chunk].cpu(), torch.float64).reshape(-1, x.shape[1])
+        out[i : i + block.shape[0]] = (block - x).square().sum(dim=1).sqrt()
+    return out
+
+
+def nearest_train_image(
+    sample: torch.Tensor,
+    train_images_uint8: torch.Tensor,
+    labels: torch.Tensor,
+    cls: int | None = None,
+) -> Neighbour:
+    """The training image nearest to `sample`; with `cls`, the nearest among that class's images.
+
+    The index is always into the whole training set given (dataset order), whatever `cls` is.
+    """
+    labels = labels.cpu()
+    if labels.shape != train_images_uint8.shape[:1]:
+        raise ValueError(f"{labels.shape[0]} labels for {train_images_uint8.shape[0]} images")
+    if cls is None:
+        candidates = torch.arange(labels.shape[0])
+    else:
+        candidates = (labels == int(cls)).nonzero().squeeze(1)
+        if candidates.numel() == 0:
+            raise ValueError(f"no training image has class {cls}")
+    if candidates.numel() == 0:
+        raise ValueError("the training set is empty")
+    images = train_images_uint8 if cls is None else train_images_uint8[candidates]
+    distances = l2_distances(sample, images)
+    best = int(torch.argmin(distances))  # first minimum: the lowest index
+    index = int(candidates[best])
+    return Neighbour(index=index, label=int(labels[index]), distance=float(distances[best]))
+
+
+def training_subset(
+    labels: torch.Tensor, cls: int | None, max_per_class: int | None
+) -> torch.Tensor:
+    """Indices (dataset order) of the images a machine was built from: the class's images (every
+    class for cls=None), each class cut to its first max_per_class, as els.data.load_prepared does."""
+    labels = labels.cpu()
+    classes = [int(cls)] if cls is not None else sorted({int(c) for c in labels.tolist()})
+    kept = []
+    for c in classes:
+        members = (labels == c).nonzero().squeeze(1)
+        kept.append(members if max_per_class is None else members[:max_per_class])
+    return torch.cat(kept).sort().values if kept else torch.empty(0, dtype=torch.long)

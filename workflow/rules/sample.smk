@@ -1,0 +1,48 @@
+# Stage 3: sampling. A batch job samples every seed of an aligned block of sampling.batch_seeds seeds
+# (batch 'seeds0-1', 'seeds2-3', ...) of one (dataset, machine, class) in a single els.sample call;
+# sample_seed then writes one file per seed (+ PNG) in the stable layout. Noise comes from
+# els.noise.noise_for(dataset, class, seed) only. See els/config.py for why blocks are sampled whole.
+
+
+rule sample_batch:
+    input:
+        unpack(index_files),
+        schedule=schedule_of,
+    output:
+        batch=BATCH,
+    log:
+        "logs/sample_batch/{dataset}/{machine}/{cls}/{batch}.log",
+    benchmark:
+        "logs/benchmarks/sample_batch/{dataset}/{machine}/{cls}/{batch}.tsv"
+    conda:
+        "../envs/els.yaml"
+    threads: stage("sample", "threads")
+    resources:
+        mem_mb=stage("sample", "mem_mb"),
+        runtime=stage("sample", "runtime"),
+    params:
+        dtype=SAMPLING.get("dtype", "float32"),
+        trajectory=TRAJECTORY,
+        max_train_per_class=lambda wc: dataset_config(wc).get("max_train_per_class"),
+    script:
+        "../scripts/sample_batch.py"
+
+
+rule sample_seed:
+    input:
+        batch=batch_of_seed,
+    output:
+        sample=SAMPLE,
+        png=SAMPLE_PNG,
+    log:
+        "logs/sample_seed/{dataset}/{machine}/{cls}/seed{seed}.log",
+    benchmark:
+        "logs/benchmarks/sample_seed/{dataset}/{machine}/{cls}/seed{seed}.tsv"
+    conda:
+        "../envs/els.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    script:
+        "../scripts/sample_seed.py"

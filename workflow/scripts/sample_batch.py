@@ -1,0 +1,79 @@
+"""Rule sample_batch: load the indexes, noise per seed, one els.sample call for the whole batch."""
+
+import json
+import time
+
+import torch
+
+import els
+from els.config import log_to, resolve_device, resolve_dtype, seeds_of_batch
+from els.io import write_safetensors
+from els.noise import noise_for, noise_key
+from els.scales import read_scales
+
+with log_to(snakemake.log[0]):
+    torch.set_num_threads(snakemake.threads)
+    wc = snakemake.wildcards
+    sampling = snakemake.config.get("sampling", {})
+    device = resolve_device(sampling.get("device", "auto"))
+    dtype = resolve_dtype(snakemake.params.dtype)
+    scales = read_scales(snakemake.input.schedule)
+    indexes = {}
+    for name, path in snakemake.input.items():
+        if name.startswith("k"):
+            k = int(name[1:])
+            indexes[k] = els.PatchIndex.load(path, machine=wc.machine, k=k)
+    fingerprints = {index.fingerprint for index in indexes.values()}
+    if len(fingerprints) != 1:
+        raise RuntimeError(f"the indexes {list(snakemake.input)} come from different training sets")
+    shape = next(iter(indexes.values())).images.shape  # [N, C, H, W]
+    seeds = seeds_of_batch(wc.batch)
+    noise = torch.stack([noise_for(wc.dataset, wc.cls, s, shape[1:]) for s in seeds])
+    print(
+        f"{wc.dataset} {wc.machine} class {wc.cls} seeds {seeds}: {shape[0]} training images, "
+        f"schedule {snakemake.input.schedule} {scales}, device {device}, {snakemake.threads} threads"
+    )
+    start = time.perf_counter()
+    images, trajectory = els.sample(
+        wc.machine,
+        None,
+        scales,
+        noise,
+        indexes=indexes,
+        device=device,
+        dtype=dtype,
+        memory_budget=int(float(sampling.get("memory_budget_gb", 2)) * 2**30),
+        return_trajectory=True,
+        disable=False,  # tqdm bar in the log
+    )
+    runtime = time.perf_counter() - start
+    tensors = {"noise": noise, "image": images.float().cpu()}
+    if snakemake.params.trajectory:
+        tensors["trajectory_x"] = torch.stack(trajectory.x, dim=1).float()  # [B, S, C, H, W]
+        tensors["trajectory_denoised"] = torch.stack(trajectory.denoised, dim=1).float()
+    write_safetensors(
+        snakemake.output.batch,
+        tensors,
+        {
+            "format": "els.sample_batch",
+            "dataset": wc.dataset,
+            "machine": wc.machine,
+            "class": wc.cls,
+            "seeds": json.dumps(seeds),
+            "noise_keys": json.dumps([noise_key(wc.dataset, wc.cls, s) for s in seeds]),
+            "t": json.dumps(trajectory.t),
+            "k": json.dumps(trajectory.k),
+            "batch_runtime_s": f"{runtime:.6f}",
+            "device": str(device),
+            "dtype": snakemake.params.dtype,
+            "threads": str(snakemake.threads),
+            "els_version": els.__version__,
+            "torch_version": torch.__version__,
+            "schedule": str(snakemake.input.schedule),
+            "schedule_scales": json.dumps(scales),
+            "max_train_per_class": json.dumps(snakemake.params.max_train_per_class),
+            "n_train": str(shape[0]),
+            "index_fingerprint": fingerprints.pop(),
+        },
+    )
+    print(f"sampled {len(seeds)} seeds in {runtime:.1f} s")
