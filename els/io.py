@@ -27,11 +27,28 @@ import torch
 SAMPLE_FORMAT = "els.sample"
 
 
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete `.{name}.*.tmp` files next to `path`: what a writer killed before its rename (SIGKILL,
+    node failure) left behind. Only one job writes a given output at a time (Snakemake's plan and
+    its directory lock), so a temporary of `path` that exists now is stale."""
+    prefix = f".{path.name}."
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(path.parent):
+            if entry.name.startswith(prefix) and entry.name.endswith(".tmp"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, mode: int = 0o644) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; on success it is renamed to `path`, else removed."""
+    """Yield a temporary path next to `path`; on success it is renamed to `path`, else removed.
+
+    A crash at any point leaves `path` as it was (absent, or the previous complete file): never a
+    truncated file under the final name. Stale temporaries of `path` from killed writers are
+    removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -57,8 +74,9 @@ def write_safetensors(
     metadata: Mapping[str, object] | None = None,
 ) -> Path:
     """Save tensors (copied to the CPU, contiguous, so views of one storage are fine) with string
-    metadata (non-strings are JSON-encoded), atomically."""
-    from safetensors.torch import save_file
+    metadata (non-strings are JSON-encoded), atomically; the header's metadata is sorted, so the
+    same tensors and metadata always give the same bytes (els.safetensors_file)."""
+    from .safetensors_file import save_file
 
     tensors = {
         k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in tensors.items()
