@@ -45,6 +45,9 @@ SUMMARY_COLUMNS = [
     "nn_distance",
     "nn_distance_in_class",
     "runtime_s",
+    "n_sources",
+    "top_source_share",
+    "mean_dominant_weight",
 ]
 RULES_WITH_FILES = [
     "prepare_data",
@@ -56,6 +59,7 @@ RULES_WITH_FILES = [
     "trajectory_figure",
     "grid_figure",
     "comparison_figure",
+    "provenance",
     "summary",
 ]
 
@@ -169,6 +173,28 @@ def test_summary_has_one_row_per_sample_and_the_columns(tiny_run):
     assert len(table) == len(expected) and (table.dataset == "MNIST").all()
     assert (table.runtime_s > 0).all() and table.notna()[SUMMARY_COLUMNS].all().all()
     assert (table.nn_distance <= table.nn_distance_in_class + 1e-9).all()
+    # the ideal score copies one training image: every pixel from it; the local machines mix
+    ideal = table[table.machine == "ideal"].iloc[0]
+    assert ideal.top_source_share == 1.0 and ideal.n_sources == 1
+    assert ((table.top_source_share > 0) & (table.top_source_share <= 1)).all()
+    assert ((table.mean_dominant_weight > 0) & (table.mean_dominant_weight <= 1 + 1e-6)).all()
+
+
+@pytest.mark.slow
+def test_provenance_files_agree_with_the_summary(tiny_run):
+    workdir, _, _ = tiny_run
+    table = pd.read_csv(workdir / "results" / "summary.csv")
+    for _, row in table.iterrows():
+        stem = workdir / "results" / "provenance" / "MNIST" / row.machine / str(row["class"])
+        tensors, meta = read_safetensors(stem / f"seed{row.seed}.safetensors")
+        source = tensors["source_image"]
+        assert source.shape == (32, 32) and tensors["n_eff"].shape == (3, 32, 32)
+        assert (tensors["n_eff"] >= 1 - 1e-4).all()
+        _, counts = torch.unique(source, return_counts=True)
+        assert row.n_sources == len(counts)
+        assert row.top_source_share == pytest.approx(counts.max().item() / source.numel())
+        if row.machine in ("ideal", "ls"):  # these machines cannot move a patch
+            assert torch.equal(tensors["source_row"], torch.arange(32).view(32, 1).expand(32, 32))
 
 
 @pytest.mark.slow
@@ -238,7 +264,7 @@ def test_every_figure_the_report_and_every_log_exist(tiny_run):
     table = pd.read_csv(workdir / "results" / "summary.csv")
     expected = [figures / "grid_bbels.png", figures / "comparison" / "1" / "seed0.png"]
     for _, row in table.iterrows():
-        for kind in ("pairs", "trajectories"):
+        for kind in ("pairs", "trajectories", "provenance"):
             expected.append(
                 figures / kind / row.machine / str(row["class"]) / f"seed{row.seed}.png"
             )
@@ -375,7 +401,7 @@ def test_adding_a_seed_runs_exactly_the_new_jobs(tiny_run):
         expected.add(
             ("sample_batch", w(dataset="MNIST", machine="bbels", cls=cls, batch="seeds2-3"))
         )
-        for rule in ("sample_seed", "neighbours", "pair_figure", "trajectory_figure"):
+        for rule in ("sample_seed", "neighbours", "pair_figure", "trajectory_figure", "provenance"):
             expected.add((rule, w(dataset="MNIST", machine="bbels", cls=cls, seed=2)))
     assert jobs == expected
     snakemake(workdir, config="more.yaml")
@@ -394,6 +420,7 @@ def test_adding_a_seed_runs_exactly_the_new_jobs(tiny_run):
         "neighbours",
         "pair_figure",
         "trajectory_figure",
+        "provenance",
     }
 
 

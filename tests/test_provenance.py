@@ -101,7 +101,8 @@ def fashion_class3(tmp_path_factory):
 
 
 def test_ideal_memorises_and_bbels_makes_a_mosaic_on_real_fashion_mnist(fashion_class3, tmp_path):
-    from els.provenance import mosaic_summary, plot_provenance, stack_provenance
+    from els.figures import plot_provenance
+    from els.provenance import mosaic_summary, stack_provenance
 
     noise = torch.randn(1, 1, 32, 32, generator=torch.Generator().manual_seed(0))
     scales = [3, 3, 5, 7, 9, 11]

@@ -14,6 +14,7 @@ DATA = config.setdefault("data", {})
 SAMPLING = config.setdefault("sampling", {})
 BATCH_SEEDS = int(SAMPLING.get("batch_seeds", 2))
 TRAJECTORY = bool(SAMPLING.get("trajectory", True))
+PROVENANCE = bool(SAMPLING.get("provenance", True))
 
 STAGE_DEFAULTS = {
     "data": {"threads": 1, "mem_mb": 4000, "runtime": 30},
@@ -52,6 +53,9 @@ NEIGHBOURS = "results/neighbours/{dataset}/{machine}/{cls}/seed{seed}.json"
 NEIGHBOUR_IMAGES = "results/neighbours/{dataset}/{machine}/{cls}/seed{seed}.safetensors"
 PAIR = "results/figures/{dataset}/pairs/{machine}/{cls}/seed{seed}.png"
 TRAJECTORY_FIG = "results/figures/{dataset}/trajectories/{machine}/{cls}/seed{seed}.png"
+PROVENANCE_FILE = "results/provenance/{dataset}/{machine}/{cls}/seed{seed}.safetensors"
+PROVENANCE_JSON = "results/provenance/{dataset}/{machine}/{cls}/seed{seed}.json"
+PROVENANCE_FIG = "results/figures/{dataset}/provenance/{machine}/{cls}/seed{seed}.png"
 GRID = "results/figures/{dataset}/grid_{machine}.png"
 COMPARISON = "results/figures/{dataset}/comparison/{cls}/seed{seed}.png"
 SUMMARY = "results/summary.csv"
@@ -123,6 +127,8 @@ def figure_targets():
     targets = key_paths(PAIR, SAMPLES)
     if TRAJECTORY:
         targets += key_paths(TRAJECTORY_FIG, SAMPLES)
+    if PROVENANCE:
+        targets += key_paths(PROVENANCE_FIG, SAMPLES)
     for name, ds in (config.get("datasets") or {}).items():
         targets += [GRID.format(dataset=name, machine=m) for m in ds["machines"]]
         classes, seeds, _ = plan.comparison(ds)

@@ -112,6 +112,7 @@ rule summary:
     input:
         samples=key_paths(SAMPLE, SAMPLES),
         neighbours=key_paths(NEIGHBOURS, SAMPLES),
+        provenance=key_paths(PROVENANCE_JSON, SAMPLES) if PROVENANCE else [],
     output:
         report(SUMMARY, caption="../report/summary.rst", category="Summary"),
     log:
@@ -126,3 +127,33 @@ rule summary:
         runtime=10,
     script:
         "../scripts/summary.py"
+
+
+rule provenance:
+    input:
+        batch=batch_of_seed,
+        train=TRAIN,
+    output:
+        provenance=PROVENANCE_FILE,
+        summary=PROVENANCE_JSON,
+        figure=report(
+            PROVENANCE_FIG,
+            caption="../report/provenance.rst",
+            category="{dataset}: patch-mosaic provenance",
+            subcategory="{machine}",
+            labels={"class": "{cls}", "seed": "{seed}"},
+        ),
+    log:
+        "logs/provenance/{dataset}/{machine}/{cls}/seed{seed}.log",
+    benchmark:
+        "logs/benchmarks/provenance/{dataset}/{machine}/{cls}/seed{seed}.tsv"
+    conda:
+        "../envs/els.yaml"
+    threads: stage("figures", "threads")
+    resources:
+        mem_mb=stage("figures", "mem_mb"),
+        runtime=stage("figures", "runtime"),
+    params:
+        max_train_per_class=lambda wc: dataset_config(wc).get("max_train_per_class"),
+    script:
+        "../scripts/provenance.py"

@@ -23,6 +23,7 @@ rule sample_batch:
     params:
         dtype=SAMPLING.get("dtype", "float32"),
         trajectory=TRAJECTORY,
+        provenance=PROVENANCE,
         max_train_per_class=lambda wc: dataset_config(wc).get("max_train_per_class"),
     script:
         "../scripts/sample_batch.py"

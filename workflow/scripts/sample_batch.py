@@ -9,6 +9,7 @@ import els
 from els.config import log_to, resolve_device, resolve_dtype, seeds_of_batch
 from els.io import write_safetensors
 from els.noise import noise_for, noise_key
+from els.provenance import stack_provenance
 from els.scales import read_scales
 
 with log_to(snakemake.log[0]):
@@ -44,6 +45,7 @@ with log_to(snakemake.log[0]):
         dtype=dtype,
         memory_budget=int(float(sampling.get("memory_budget_gb", 2)) * 2**30),
         return_trajectory=True,
+        provenance=snakemake.params.provenance,
         disable=False,  # tqdm bar in the log
     )
     runtime = time.perf_counter() - start
@@ -51,6 +53,11 @@ with log_to(snakemake.log[0]):
     if snakemake.params.trajectory:
         tensors["trajectory_x"] = torch.stack(trajectory.x, dim=1).float()  # [B, S, C, H, W]
         tensors["trajectory_denoised"] = torch.stack(trajectory.denoised, dim=1).float()
+    if snakemake.params.provenance:
+        for name, value in stack_provenance(trajectory.provenance).items():
+            # n_eff is [steps, B, H, W]: batch first like every other tensor here
+            value = value.transpose(0, 1) if name == "n_eff" else value
+            tensors[f"provenance_{name}"] = value.contiguous()
     write_safetensors(
         snakemake.output.batch,
         tensors,

@@ -9,8 +9,12 @@ from els.io import read_json, read_sample, write_with
 
 with log_to(snakemake.log[0]):
     rows = []
-    for sample_path, nn_path in zip(
-        snakemake.input.samples, snakemake.input.neighbours, strict=True
+    # mosaic numbers per sample (sampling.provenance), in the same order as the samples
+    mosaics = [read_json(p) for p in snakemake.input.provenance] or [{}] * len(
+        snakemake.input.samples
+    )
+    for sample_path, nn_path, mosaic in zip(
+        snakemake.input.samples, snakemake.input.neighbours, mosaics, strict=True
     ):
         meta = read_sample(sample_path).metadata
         nn = read_json(nn_path)
@@ -38,6 +42,9 @@ with log_to(snakemake.log[0]):
                 "batch_seeds": meta["batch_seeds"],
                 "device": meta["device"],
                 "dtype": meta["dtype"],
+                "n_sources": mosaic.get("n_sources"),
+                "top_source_share": mosaic.get("top_source_share"),
+                "mean_dominant_weight": mosaic.get("mean_dominant_weight"),
             }
         )
     table = pd.DataFrame(rows)
