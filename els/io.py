@@ -6,9 +6,10 @@ Sample file (results/samples/{dataset}/{machine}/{class}/seed{seed}.safetensors)
            with trajectories also trajectory_x and trajectory_denoised [S, C, H, W] float32 (one entry
            per reverse step, t decreasing: x after the step and the predicted clean image);
   metadata (strings) format, dataset, machine, class, seed, noise_key, t and k (JSON lists, one entry
-           per step), runtime_s, batch_runtime_s, batch_seeds (JSON), device, dtype, els_version,
+           per step), batch_seeds (JSON), batch_file, device, dtype, threads, els_version,
            torch_version, schedule (file), schedule_scales (JSON), max_train_per_class, n_train,
-           index_fingerprint.
+           index_fingerprint. No timings: the same config writes the same bytes on every run and
+           executor (the sampling time is in the sample_batch log and the rule benchmarks).
 """
 
 from __future__ import annotations
@@ -145,10 +146,6 @@ class Sample:
     k: list[int] = field(default_factory=list)
     trajectory_x: torch.Tensor | None = None
     trajectory_denoised: torch.Tensor | None = None
-
-    @property
-    def runtime_s(self) -> float:
-        return float(self.metadata["runtime_s"])
 
     def meta_json(self, key: str):
         return json.loads(self.metadata[key])

@@ -120,7 +120,7 @@ def test_training_subset_is_the_first_images_of_each_class():
 def test_sample_file_round_trip(tmp_path):
     noise, image = torch.randn(1, 8, 8), torch.rand(1, 8, 8) * 2 - 1
     traj = torch.randn(3, 1, 8, 8)
-    meta = {"t": json.dumps([0.75, 0.5, 0.25]), "k": json.dumps([5, 5, 3]), "runtime_s": "1.5"}
+    meta = {"t": json.dumps([0.75, 0.5, 0.25]), "k": json.dumps([5, 5, 3]), "device": "cpu"}
     path = write_sample(
         tmp_path / "a" / "seed0.safetensors",
         noise=noise,
@@ -132,7 +132,7 @@ def test_sample_file_round_trip(tmp_path):
     s = read_sample(path)
     assert torch.equal(s.noise, noise) and torch.equal(s.image, image)
     assert torch.equal(s.trajectory_denoised, traj + 1)
-    assert s.t == [0.75, 0.5, 0.25] and s.k == [5, 5, 3] and s.runtime_s == 1.5
+    assert s.t == [0.75, 0.5, 0.25] and s.k == [5, 5, 3] and s.metadata["device"] == "cpu"
     assert not list(path.parent.glob("*.tmp"))
 
 

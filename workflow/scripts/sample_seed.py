@@ -10,12 +10,7 @@ with log_to(snakemake.log[0]):
     seeds = json.loads(meta["seeds"])
     seed = int(snakemake.wildcards.seed)
     i = seeds.index(seed)
-    runtime = float(meta["batch_runtime_s"])
-    per_seed = {
-        k: v
-        for k, v in meta.items()
-        if k not in ("format", "seeds", "noise_keys", "batch_runtime_s")
-    }
+    per_seed = {k: v for k, v in meta.items() if k not in ("format", "seeds", "noise_keys")}
     write_sample(
         snakemake.output.sample,
         noise=tensors["noise"][i],
@@ -28,8 +23,6 @@ with log_to(snakemake.log[0]):
             **per_seed,
             "seed": str(seed),
             "noise_key": json.loads(meta["noise_keys"])[i],
-            "runtime_s": f"{runtime / len(seeds):.6f}",  # the batch's time, shared equally
-            "batch_runtime_s": meta["batch_runtime_s"],
             "batch_seeds": meta["seeds"],
             "batch_file": str(snakemake.input.batch),
         },

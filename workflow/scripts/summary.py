@@ -37,8 +37,6 @@ with log_to(snakemake.log[0]):
                 "max_train_per_class": meta["max_train_per_class"],
                 "schedule": meta["schedule"],
                 "steps": len(json.loads(meta["k"])),
-                "runtime_s": float(meta["runtime_s"]),
-                "batch_runtime_s": float(meta["batch_runtime_s"]),
                 "batch_seeds": meta["batch_seeds"],
                 "device": meta["device"],
                 "dtype": meta["dtype"],
