@@ -70,6 +70,22 @@ def key_paths(pattern, keys):
     ]
 
 
+BATCH_BENCHMARK = "logs/benchmarks/sample_batch/{dataset}/{machine}/{cls}/{batch}.tsv"
+
+
+def batch_benchmarks(keys):
+    """The sample_batch benchmark (wall time) of every sample's batch, in the order of keys."""
+    return [
+        BATCH_BENCHMARK.format(
+            dataset=s.dataset,
+            machine=s.machine,
+            cls=s.cls,
+            batch=plan.batch_name(int(s.seed), BATCH_SEEDS),
+        )
+        for s in keys
+    ]
+
+
 def dataset_config(wildcards):
     """The dataset's config entry; {} for a dataset only other stages use (e.g. the CNN's data)."""
     return (config.get("datasets") or {}).get(wildcards.dataset, {})

@@ -113,6 +113,8 @@ rule summary:
         samples=key_paths(SAMPLE, SAMPLES),
         neighbours=key_paths(NEIGHBOURS, SAMPLES),
         provenance=key_paths(PROVENANCE_JSON, SAMPLES) if PROVENANCE else [],
+        # runtime_s comes from the batch jobs' benchmarks, so sample files stay free of timings
+        timings=batch_benchmarks(SAMPLES),
     output:
         report(SUMMARY, caption="../report/summary.rst", category="Summary"),
     log:

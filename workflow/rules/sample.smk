@@ -13,7 +13,7 @@ rule sample_batch:
     log:
         "logs/sample_batch/{dataset}/{machine}/{cls}/{batch}.log",
     benchmark:
-        "logs/benchmarks/sample_batch/{dataset}/{machine}/{cls}/{batch}.tsv"
+        BATCH_BENCHMARK
     conda:
         "../envs/els.yaml"
     threads: stage("sample", "threads")

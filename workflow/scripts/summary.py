@@ -13,10 +13,17 @@ with log_to(snakemake.log[0]):
     mosaics = [read_json(p) for p in snakemake.input.provenance] or [{}] * len(
         snakemake.input.samples
     )
-    for sample_path, nn_path, mosaic in zip(
-        snakemake.input.samples, snakemake.input.neighbours, mosaics, strict=True
+    for sample_path, nn_path, mosaic, timing in zip(
+        snakemake.input.samples,
+        snakemake.input.neighbours,
+        mosaics,
+        snakemake.input.timings,
+        strict=True,
     ):
         meta = read_sample(sample_path).metadata
+        # wall seconds of the batch job (Snakemake's benchmark), shared equally by its seeds; the
+        # one column that differs between runs (sample files themselves hold no timings)
+        batch_seconds = float(pd.read_csv(timing, sep="\t")["s"].iloc[0])
         nn = read_json(nn_path)
         rows.append(
             {
@@ -37,6 +44,8 @@ with log_to(snakemake.log[0]):
                 "max_train_per_class": meta["max_train_per_class"],
                 "schedule": meta["schedule"],
                 "steps": len(json.loads(meta["k"])),
+                "runtime_s": batch_seconds / len(json.loads(meta["batch_seeds"])),
+                "batch_runtime_s": batch_seconds,
                 "batch_seeds": meta["batch_seeds"],
                 "device": meta["device"],
                 "dtype": meta["dtype"],
