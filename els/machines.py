@@ -57,7 +57,9 @@ def _chunk_candidates(
     budget: int,
     fam=None,
 ) -> int:
-    """Candidates per group per chunk from the memory budget and a cache-sized logits block."""
+    """Candidates per group per chunk from the memory budget and a cache-sized logits block, for the
+    queries of ONE image: chunks never depend on the batch size, so batching seeds cannot change a
+    seed's float rounding (denoise splits a batch whose logits would not fit the budget instead)."""
     elt = torch.finfo(dtype).bits // 8
     if fam is not None and index.materialized(fam) is not None:
         dim = 0  # chunks are views of the materialised candidates: only logits and weights
@@ -67,6 +69,21 @@ def _chunk_candidates(
     by_cache = max(1, MAX_CHUNK_LOGITS // max(1, groups * queries))
     # the implicit chunks hold whole images: never fewer candidates than one image's positions
     return max(min(by_budget, by_cache), 1)
+
+
+def _images_per_block(index: PatchIndex, x: torch.Tensor, budget: int) -> int:
+    """How many images of a batch fit the budget together: the logits of one image's queries against
+    one candidate chunk, times two (logits and weights), for the hungriest family."""
+    elt = torch.finfo(x.dtype).bits // 8
+    C, H, W = x.shape[1:]
+    worst = 1
+    for fam in index.families:
+        G, per_group = (1, 1) if index.machine == "ideal" else fam.query_pos.shape
+        D = C * H * W if index.machine == "ideal" else C * index.k * index.k
+        E = D if index.machine == "ideal" else C
+        step = _chunk_candidates(index, G, per_group, D, E, x.dtype, budget, fam)
+        worst = max(worst, 2 * elt * G * per_group * max(step, fam.positions_per_image))
+    return max(1, budget // worst)
 
 
 def _group_major_to_batch(v: torch.Tensor, batch: int) -> torch.Tensor:
@@ -96,6 +113,24 @@ def denoise(
     budget = memory_budget or DEFAULT_MEMORY_BUDGET
     if x.is_cuda:
         budget = min(budget, int(torch.cuda.mem_get_info(x.device)[0] * 0.6))
+    block = _images_per_block(index, x, budget)
+    if x.shape[0] > block:
+        parts = [
+            denoise(
+                index,
+                x[i : i + block],
+                t,
+                memory_budget=budget,
+                return_provenance=return_provenance,
+            )
+            for i in range(0, x.shape[0], block)
+        ]
+        if not return_provenance:
+            return torch.cat(parts)
+        fields = Provenance.__dataclass_fields__
+        return torch.cat([p[0] for p in parts]), Provenance(
+            *(torch.cat([getattr(p[1], f) for p in parts]) for f in fields)
+        )
     a, b = signal_scale(t), noise_scale(t)
     b2 = b * b
     B, C, H, W = x.shape
@@ -104,7 +139,7 @@ def denoise(
     if index.machine == "ideal":
         fam = index.families[0]
         D = C * H * W
-        step = _chunk_candidates(index, 1, B, D, D, dtype, budget, fam)
+        step = _chunk_candidates(index, 1, 1, D, D, dtype, budget, fam)
         mean, stats = streaming_softmax_mean(
             _centred_queries(index, fam, x.reshape(1, B, D), a),
             index.chunks(fam, dtype, device, step),
@@ -138,7 +173,7 @@ def denoise(
         pos = fam.query_pos.to(device).reshape(-1)
         queries = query_cols[:, :, pos].view(B, D, G, per_group).permute(2, 0, 3, 1)
         queries = queries.reshape(G, B * per_group, D)
-        step = _chunk_candidates(index, G, B * per_group, D, C, dtype, budget, fam)
+        step = _chunk_candidates(index, G, per_group, D, C, dtype, budget, fam)
         mean, stats = streaming_softmax_mean(
             _centred_queries(index, fam, queries, a),
             index.chunks(fam, dtype, device, step),
