@@ -402,8 +402,8 @@ def test_seeds_sampled_alone_equal_seeds_sampled_together(reference, images, tmp
 # ----------------------------------------------------------------------------- bad config
 
 
-def _bad_config_cases(images: Path) -> dict[str, tuple[dict, list[int] | str, str]]:
-    """name -> (config, schedule (scales or raw text), text the message must contain)."""
+def _bad_config_cases(images: Path) -> dict[str, tuple[dict, str | None, str | tuple[str, ...]]]:
+    """name -> (config, schedule file text or None, text(s) the message must contain)."""
 
     def config(**changes) -> dict:
         cfg = json.loads(json.dumps(tiny_config(images)))
@@ -426,36 +426,63 @@ def _bad_config_cases(images: Path) -> dict[str, tuple[dict, list[int] | str, st
         "schedules": {"bbels": "scales/tiny.txt"},
     }
     return {
-        "unknown config key": (config(sampling__devise="cpu"), None, "'devise' was unexpected"),
+        "unknown config key": (
+            config(sampling__devise="cpu"),
+            None,
+            ("'devise' was unexpected", "On instance['sampling']"),
+        ),
         "wrong type": (
             config(sampling__batch_seeds="two"),
             None,
-            "'two' is not of type 'integer'",
+            ("'two' is not of type 'integer'", "On instance['sampling']['batch_seeds']"),
         ),
-        "even k": (config(), "5 4 3\n", "entry 1 is 4; patch sizes must be odd and positive"),
-        "zero k": (config(), "5 3 0\n", "entry 2 is 0; patch sizes must be odd and positive"),
-        "negative k": (config(), "5 -3 3\n", "entry 1 is -3; patch sizes must be odd and positive"),
-        "schedule too short": (config(), "5\n", "needs at least 2 patch sizes, got 1"),
-        "schedule not integers": (config(), "5 three 3\n", "'three' is not an integer patch size"),
+        "even k": (
+            config(),
+            "5 4 3\n",
+            "datasets.Tiny.schedules.bbels: scales/tiny.txt: entry 1 is 4; patch sizes must be odd and positive",
+        ),
+        "zero k": (
+            config(),
+            "5 3 0\n",
+            "datasets.Tiny.schedules.bbels: scales/tiny.txt: entry 2 is 0; patch sizes must be odd and positive",
+        ),
+        "negative k": (
+            config(),
+            "5 -3 3\n",
+            "datasets.Tiny.schedules.bbels: scales/tiny.txt: entry 1 is -3; patch sizes must be odd and positive",
+        ),
+        "schedule too short": (
+            config(),
+            "5\n",
+            "datasets.Tiny.schedules.bbels: scales/tiny.txt: needs at least 2 patch sizes, got 1",
+        ),
+        "schedule not integers": (
+            config(),
+            "5 three 3\n",
+            "datasets.Tiny.schedules.bbels: scales/tiny.txt, line 1: 'three' is not an integer patch size",
+        ),
         "schedule file missing": (
             config(datasets__Tiny__schedules={"bbels": "scales/missing.txt"}),
             None,
-            "schedule file scales/missing.txt does not exist",
+            "datasets.Tiny.schedules.bbels: schedule file scales/missing.txt does not exist",
         ),
         "class id out of range": (
             config(datasets={"MNIST": mnist}),
             None,
-            "class ids [12] do not exist; MNIST has classes 0..9",
+            "datasets.MNIST: class ids [12] do not exist; MNIST has classes 0..9",
         ),
         "unknown dataset": (
             config(datasets={"CelebB": {**mnist, "classes": [0]}}),
             None,
-            "source 'torchvision' needs the dataset key to be one of MNIST, FashionMNIST, CIFAR10",
+            "datasets.CelebB: source 'torchvision' needs the dataset key to be one of MNIST, FashionMNIST, CIFAR10",
         ),
         "unknown machine": (
             config(datasets__Tiny__machines=["bbels", "vae"]),
             None,
-            "'vae' is not one of ['ideal', 'ls', 'els', 'bbels']",
+            (
+                "'vae' is not one of ['ideal', 'ls', 'els', 'bbels']",
+                "On instance['datasets']['Tiny']['machines'][1]",
+            ),
         ),
     }
 
@@ -487,7 +514,8 @@ def test_bad_config_is_a_clear_error_and_loses_nothing(bad_config_runs, images, 
     run, before, after = bad_config_runs[name]
     expected = _bad_config_cases(images)[name][2]
     assert run.returncode != 0
-    assert expected in run.output, run.output[-3000:]
+    for text in (expected,) if isinstance(expected, str) else expected:
+        assert text in run.output, run.output[-3000:]
     assert after == before  # no finished output deleted, rewritten or touched
 
 
@@ -601,6 +629,19 @@ def test_bad_image_folder_is_refused_with_the_file_named(tmp_path, case, expecte
         _prepare(tmp_path, "imagefolder", folder=folder, channels=1)
     assert expected in str(error.value) and str(named) in str(error.value), str(error.value)
     assert not (tmp_path / "prepared" / "train.safetensors").exists()
+
+
+def test_class_id_beyond_an_image_folder_is_refused(reference):
+    """An image folder's classes are only known once it is prepared: build_index and sample_batch
+    load the class with els.data.load_prepared, which names the valid ids."""
+    from els.data import load_prepared
+
+    train = reference.workdir / "results" / "data" / DATASET / "train.safetensors"
+    with pytest.raises(ValueError) as error:
+        load_prepared(train, cls=5, max_per_class=4)
+    assert f"class 5 is out of range for {train}: valid classes are 0..1 (0=c0, 1=c1)" in str(
+        error.value
+    )
 
 
 def test_failed_run_with_a_bad_dataset_keeps_the_finished_outputs(reference, images, tmp_path):
