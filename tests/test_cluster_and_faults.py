@@ -673,7 +673,7 @@ def test_failed_run_with_a_bad_dataset_keeps_the_finished_outputs(reference, ima
 def test_tiny_workflow_on_slurm_is_byte_identical_to_the_local_run(slurm_run, reference):
     """Every job ran as a SLURM job (sacct: COMPLETED, exit 0, the rule in the comment, the rule's
     resources as the allocation), SLURM's logs are where the README says, and every output file
-    equals the local reference run's byte for byte."""
+    equals the local reference run's byte for byte (summary.csv but for its runtime columns)."""
     if "skip" in slurm_run:
         pytest.skip(slurm_run["skip"])
     slurm_run["watcher"].join(timeout=900)

@@ -32,8 +32,9 @@ AUDIT_DIR = Path(__file__).resolve().parent / "atomic_audit"
 DATASET = "Tiny"
 SCHEDULE = [5, 3, 3]  # one index: k = 3 (scales[0] is never used)
 
-# Files under results/ that are allowed to differ between two runs of the same config: none but
-# the HTML report (it embeds the run's date). Timings live in logs/ (rule logs, benchmarks).
+# Files under results/ that are allowed to differ between two runs of the same config: the HTML
+# report (it embeds the run's date); summary.csv is compared but for its two runtime columns
+# (same_result). Every other timing lives in logs/ (rule logs, benchmarks).
 RUN_DEPENDENT = ("report.html",)
 
 
