@@ -146,6 +146,7 @@ def denoise(
             a=a,
             b2=b2,
             with_stats=return_provenance,
+            rows_per_image=1,
         )
         m = mean.reshape(B, C, H, W)
         if not return_provenance:
@@ -180,6 +181,7 @@ def denoise(
             a=a,
             b2=b2,
             with_stats=return_provenance,
+            rows_per_image=per_group,
         )
         # [G, B*P, C] -> [B, C, G*P], the order of pos
         m[:, :, pos] = mean.view(G, B, per_group, C).permute(1, 3, 0, 2).reshape(B, C, -1)

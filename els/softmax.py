@@ -49,6 +49,14 @@ class SoftmaxStats:
     n_eff: torch.Tensor  # 1 / sum w^2, [G, P]
 
 
+def _per_rows(product, rows: torch.Tensor, block: int | None) -> torch.Tensor:
+    """product(rows) [G, P, ...] computed on blocks of `block` rows (all at once if None)."""
+    P = rows.shape[1]
+    if block is None or block >= P:
+        return product(rows)
+    return torch.cat([product(rows[:, s : s + block]) for s in range(0, P, block)], dim=1)
+
+
 def streaming_softmax_mean(
     queries: torch.Tensor,
     chunks: Iterable[CandidateChunk],
@@ -56,11 +64,15 @@ def streaming_softmax_mean(
     a: float,
     b2: float,
     with_stats: bool = False,
+    rows_per_image: int | None = None,
 ) -> tuple[torch.Tensor, SoftmaxStats | None]:
     """Weighted mean of candidate centres for queries [G, P, D].
 
     Returns the mean [G, P, E] and, if asked, SoftmaxStats. Works on any device; nothing leaves the
-    device inside the loop.
+    device inside the loop. rows_per_image: the queries of each group are consecutive blocks of this
+    many rows, one block per image of a batch; the matrix products then run per block, with the
+    shapes of a batch of one, so that batching images cannot change any image's float rounding (BLAS
+    kernels pick their blocking, hence their summation order, from the matrix shapes).
     """
     G, P, _ = queries.shape
     dtype, device = queries.dtype, queries.device
@@ -79,8 +91,15 @@ def streaming_softmax_mean(
         bias = chunk.sq_norms * norm_coef
         if chunk.log_mult is not None:
             bias = bias + chunk.log_mult
-        # logits [G, P, M] = alpha * q.c + bias, in one batched GEMM
-        logits = torch.baddbmm(bias.unsqueeze(1), queries, cand.transpose(1, 2), alpha=alpha)
+        # logits [G, P, M] = alpha * q.c + bias, in one batched GEMM (per image of a batch)
+        bias_rows, cand_t = bias.unsqueeze(1), cand.transpose(1, 2)
+        logits = _per_rows(
+            lambda q, bias_rows=bias_rows, cand_t=cand_t: torch.baddbmm(
+                bias_rows, q, cand_t, alpha=alpha
+            ),
+            queries,
+            rows_per_image,
+        )
         chunk_max = logits.amax(dim=2)
         if with_stats:
             # the dominant candidate is a single training patch: compare logits without multiplicity
@@ -94,7 +113,9 @@ def streaming_softmax_mean(
         safe_max = new_max.clamp(min=lowest)
         weights = logits.sub_(safe_max.unsqueeze(2)).clamp_(min=EXP_FLOOR).exp_()
         rescale = torch.exp(run_max - safe_max)
-        contrib = torch.bmm(weights, chunk.centres_and_ones)
+        contrib = _per_rows(
+            lambda w, c=chunk.centres_and_ones: torch.bmm(w, c), weights, rows_per_image
+        )
         run_acc = contrib if run_acc is None else run_acc * rescale.unsqueeze(2) + contrib
         if with_stats:
             # sum of squared weights over individual candidates: a group of n copies adds n w^2

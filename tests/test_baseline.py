@@ -28,7 +28,9 @@ def test_baseline_matches_loop(H, W, C, N, k, t):
 
 
 def test_baseline_uint8_and_more_than_one_image_batch():
-    train8 = random_8bit_images(70, 1, 6, 6, seed=3)  # 70 > 64: two batches of the streaming softmax
+    train8 = random_8bit_images(
+        70, 1, 6, 6, seed=3
+    )  # 70 > 64: two batches of the streaming softmax
     x = random_images(1, 1, 6, 6, seed=4)
     got = baseline_denoise(x, 0.2, train8, 3)
     assert_close(got, ref_denoise("bbels", x, 0.2, to_float(train8, torch.float64), 3))

@@ -175,6 +175,23 @@ def test_batch_shares_work_and_equals_single_queries():
     torch.testing.assert_close(together, alone, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("kind,k", [("ideal", None), ("ls", 5), ("els", 3), ("bbels", 5)])
+@pytest.mark.parametrize("C", [1, 3])
+@pytest.mark.parametrize("budget", [None, 20_000])
+def test_float32_batch_is_bit_identical_to_single_images(kind, k, C, budget):
+    """Batching seeds may not change a seed's float32 result at all: the products run per image with
+    the shapes of a batch of one (budget=20 kB also splits the batch and the candidate chunks)."""
+    train = random_8bit_images(40, C, 12, 12, seed=40)
+    x = random_images(5, C, 12, 12, seed=41).float()
+    idx = els.PatchIndex.build(train, kind, k)
+    for t in (0.05, 0.5, 0.95):
+        together = els.denoise(idx, x, t, memory_budget=budget)
+        alone = torch.cat(
+            [els.denoise(idx, x[i : i + 1], t, memory_budget=budget) for i in range(5)]
+        )
+        assert torch.equal(together, alone), (kind, C, t, (together - alone).abs().max().item())
+
+
 # ------------------------------------------------------------------------------------- numerics
 
 

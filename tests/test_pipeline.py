@@ -338,11 +338,6 @@ def test_batching_changes_a_float64_seed_by_at_most_1e_6(tiny_run, machine, cls)
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="float32 batched GEMMs may round differently from single-seed ones (measured up to "
-    "2.2e-5 on FashionMNIST); chunks are batch-independent, rows of a batched product are not",
-    strict=False,
-)
 @pytest.mark.parametrize("machine,cls", BATCH_CASES)
 def test_batching_changes_a_float32_seed_by_at_most_1e_6(tiny_run, machine, cls):
     assert _batch_difference(tiny_run[0], machine, cls, torch.float32) <= 1e-6
