@@ -347,6 +347,74 @@ class PatchIndex:
                 first_id=i0 * S,
             )
 
+    # ----------------------------------------------------------------------------- dot products
+    def computes_own_dots(self, fam: Family) -> bool:
+        """Families whose dot products are cheaper without explicit candidate patches: an edge row or
+        column (few queries per candidate: a grouped convolution over image strips) and one-position
+        groups (corners, LS: box sums of the query-image product). Deduplicated or materialised
+        candidates keep the matrix product."""
+        return (
+            fam.name in ("rows", "cols", "corners", "local")
+            and fam.unique is None
+            and self.materialized(fam) is None
+        )
+
+    def dot_chunks(
+        self,
+        fam: Family,
+        queries: torch.Tensor,
+        x: torch.Tensor,
+        max_candidates: int,
+    ) -> Iterator[CandidateChunk]:
+        """Like chunks(), with the query-candidate dot products [G, B*P, M] computed here (see
+        computes_own_dots) instead of candidate patches. queries [G, B*P, D]: the query patches,
+        image-major in each group as els.machines builds them; x [B, C, H, W]: the noisy images.
+        Every product is computed per image of the batch (batching cannot change the rounding)."""
+        dtype, device = x.dtype, x.device
+        B, C = x.shape[:2]
+        G, S = fam.cand_rows.shape
+        k, d = self.k, self.k // 2
+        P = queries.shape[1] // B
+        step = max(1, max_candidates // S)
+        rows, cols = fam.cand_rows.to(device), fam.cand_cols.to(device)
+        if fam.name in ("corners", "local"):
+            # <q, c> over the k x k window at pixel p = the window sum of x * image (zero padded),
+            # from 2-D prefix sums in float64 (their cancellation would cost float32 digits)
+            xp = F.pad(x.double(), (d, d, d, d))
+            r, c = rows[:, 0], cols[:, 0]
+        for i0 in range(0, self.images.shape[0], step):
+            imgs = to_float(self.images[i0 : i0 + step].to(device), dtype)
+            n = imgs.shape[0]
+            padded = F.pad(imgs, (d, d, d, d)) if d else imgs
+            per_image = []
+            for b in range(B):
+                if fam.name in ("corners", "local"):
+                    prod = (padded.double() * xp[b : b + 1]).sum(dim=1)  # [n, Hp, Wp]
+                    cs = F.pad(prod.cumsum(1).cumsum(2), (1, 0, 1, 0))
+                    win = cs[:, r + k, c + k] - cs[:, r, c + k] - cs[:, r + k, c] + cs[:, r, c]
+                    per_image.append(win.to(dtype).t().unsqueeze(1))  # [G, 1, n]
+                    continue
+                w = queries[:, b * P : (b + 1) * P].reshape(G * P, C, k, k)
+                if fam.name == "rows":  # strip of the k padded rows around edge row r, all columns
+                    strips = torch.cat([padded[:, :, r : r + k, :] for r in fam.cand_rows[:, 0]], 1)
+                    out = F.conv2d(strips, w, groups=G)[:, :, 0, :]  # [n, G*P, W]: centre column
+                    out = out.view(n, G, P, -1).index_select(3, cols[0])
+                else:  # cols: strip of the k padded columns around edge column c, all rows
+                    strips = torch.cat([padded[:, :, :, c : c + k] for c in fam.cand_cols[:, 0]], 1)
+                    out = F.conv2d(strips, w, groups=G)[:, :, :, 0]  # [n, G*P, H]: centre row
+                    out = out.view(n, G, P, -1).index_select(3, rows[0])
+                per_image.append(out.permute(1, 2, 0, 3).reshape(G, P, n * S))
+            centres = imgs[:, :, rows, cols]  # [n, C, G, S]
+            centres = centres.permute(2, 0, 3, 1).reshape(G, n * S, C)
+            yield CandidateChunk(
+                patches=None,
+                centres_and_ones=torch.cat([centres, centres.new_ones(G, n * S, 1)], dim=2),
+                sq_norms=fam.sq_norms[:, i0 * S : (i0 + n) * S].to(device, dtype),
+                log_mult=None,
+                first_id=i0 * S,
+                dots=torch.cat(per_image, dim=1),
+            )
+
     # ----------------------------------------------------------------------------- materialised
     def materialized_bytes(self, dtype: torch.dtype) -> int:
         """Bytes that materialize() needs for every family at dtype (patches, centres, norms)."""

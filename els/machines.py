@@ -175,9 +175,14 @@ def denoise(
         queries = query_cols[:, :, pos].view(B, D, G, per_group).permute(2, 0, 3, 1)
         queries = queries.reshape(G, B * per_group, D)
         step = _chunk_candidates(index, G, per_group, D, C, dtype, budget, fam)
+        if index.computes_own_dots(fam):
+            chunks = index.dot_chunks(fam, queries, x, step)
+        else:
+            queries = _centred_queries(index, fam, queries, a)
+            chunks = index.chunks(fam, dtype, device, step)
         mean, stats = streaming_softmax_mean(
-            _centred_queries(index, fam, queries, a),
-            index.chunks(fam, dtype, device, step),
+            queries,
+            chunks,
             a=a,
             b2=b2,
             with_stats=return_provenance,

@@ -31,13 +31,16 @@ EXP_FLOOR = -80.0
 class CandidateChunk:
     """One chunk of candidates for every group: patches [G, M, D], their centres with a column of ones
     appended [G, M, E + 1] (one product then gives the weighted sum and the normaliser), squared norms
-    [G, M], optional log multiplicities [G, M] (-inf marks padding), the id of the first candidate."""
+    [G, M], optional log multiplicities [G, M] (-inf marks padding), the id of the first candidate.
+    dots [G, P, M]: the query-candidate dot products when the chunk producer computed them itself
+    (PatchIndex.dot_chunks); patches is then None."""
 
-    patches: torch.Tensor
+    patches: torch.Tensor | None
     centres_and_ones: torch.Tensor
     sq_norms: torch.Tensor
     log_mult: torch.Tensor | None
     first_id: int
+    dots: torch.Tensor | None = None
 
 
 @dataclass
@@ -49,12 +52,64 @@ class SoftmaxStats:
     n_eff: torch.Tensor  # 1 / sum w^2, [G, P]
 
 
-def _per_rows(product, rows: torch.Tensor, block: int | None) -> torch.Tensor:
-    """product(rows) [G, P, ...] computed on blocks of `block` rows (all at once if None)."""
-    P = rows.shape[1]
-    if block is None or block >= P:
-        return product(rows)
-    return torch.cat([product(rows[:, s : s + block]) for s in range(0, P, block)], dim=1)
+class _QueryBlock:
+    """The running softmax state of one block of queries [G, P, D] (one image of a batch): running
+    max, running weighted sum of centres and normaliser, and the provenance statistics."""
+
+    def __init__(self, queries: torch.Tensor, with_stats: bool):
+        G, P, _ = queries.shape
+        dtype, device = queries.dtype, queries.device
+        self.queries, self.with_stats = queries, with_stats
+        self.run_max = torch.full((G, P), float("-inf"), dtype=dtype, device=device)
+        self.acc = None  # [G, P, E + 1]: weighted sum of centres, then the sum of weights
+        if with_stats:
+            self.sq = torch.zeros((G, P), dtype=dtype, device=device)
+            self.best_logit = torch.full((G, P), float("-inf"), dtype=dtype, device=device)
+            self.best_id = torch.zeros((G, P), dtype=torch.long, device=device)
+
+    def update(self, chunk: CandidateChunk, bias: torch.Tensor, alpha: float, dots) -> None:
+        # logits [G, P, M] = alpha * q.c + bias, in one batched GEMM
+        if dots is not None:
+            logits = torch.add(bias.unsqueeze(1), dots, alpha=alpha)
+        else:
+            cand_t = chunk.patches.transpose(1, 2)
+            logits = torch.baddbmm(bias.unsqueeze(1), self.queries, cand_t, alpha=alpha)
+        if self.with_stats:
+            # the dominant candidate is a single training patch: compare logits without multiplicity
+            single = logits if chunk.log_mult is None else logits - chunk.log_mult.unsqueeze(1)
+            single_max, single_arg = single.max(dim=2)
+            chunk_max = single_max if chunk.log_mult is None else logits.amax(dim=2)
+            better = single_max > self.best_logit  # strict: ties keep the earliest candidate
+            self.best_logit = torch.where(better, single_max, self.best_logit)
+            self.best_id = torch.where(better, single_arg + chunk.first_id, self.best_id)
+        else:
+            chunk_max = logits.amax(dim=2)
+        new_max = torch.maximum(self.run_max, chunk_max)
+        # clamp keeps exp(-inf - -inf) = nan away while a group has seen only padding
+        safe_max = new_max.clamp(min=torch.finfo(logits.dtype).min)
+        weights = logits.sub_(safe_max.unsqueeze(2)).clamp_(min=EXP_FLOOR).exp_()
+        rescale = torch.exp(self.run_max - safe_max)
+        contrib = torch.bmm(weights, chunk.centres_and_ones)
+        self.acc = contrib if self.acc is None else self.acc * rescale.unsqueeze(2) + contrib
+        if self.with_stats:
+            # sum of squared weights over individual candidates: a group of n copies adds n w^2
+            sq = weights.square()
+            if chunk.log_mult is not None:
+                inv_mult = torch.exp(-chunk.log_mult).nan_to_num(posinf=0.0)  # padding: 0
+                sq = sq * inv_mult.unsqueeze(1)
+            self.sq = self.sq * rescale * rescale + sq.sum(dim=2)
+        self.run_max = new_max
+
+    def result(self) -> tuple[torch.Tensor, SoftmaxStats | None]:
+        run_sum = self.acc[:, :, -1]
+        mean = self.acc[:, :, :-1] / run_sum.unsqueeze(2)
+        if not self.with_stats:
+            return mean, None
+        return mean, SoftmaxStats(
+            best_id=self.best_id,
+            best_weight=torch.exp(self.best_logit - self.run_max) / run_sum,
+            n_eff=run_sum.square() / self.sq,
+        )
 
 
 def streaming_softmax_mean(
@@ -70,70 +125,35 @@ def streaming_softmax_mean(
 
     Returns the mean [G, P, E] and, if asked, SoftmaxStats. Works on any device; nothing leaves the
     device inside the loop. rows_per_image: the queries of each group are consecutive blocks of this
-    many rows, one block per image of a batch; the matrix products then run per block, with the
+    many rows, one block per image of a batch; every operation then runs per block, on tensors of the
     shapes of a batch of one, so that batching images cannot change any image's float rounding (BLAS
-    kernels pick their blocking, hence their summation order, from the matrix shapes).
+    kernels pick their summation order from the shapes, and vectorised exp differs from the scalar
+    one used for a tensor's last elements). The candidate chunks are shared by the blocks.
     """
-    G, P, _ = queries.shape
-    dtype, device = queries.dtype, queries.device
-    lowest = torch.finfo(dtype).min
-    run_max = torch.full((G, P), float("-inf"), dtype=dtype, device=device)
-    run_acc = None  # [G, P, E + 1]: weighted sum of centres, then the sum of weights
-    if with_stats:
-        run_sq = torch.zeros((G, P), dtype=dtype, device=device)
-        best_logit = torch.full((G, P), float("-inf"), dtype=dtype, device=device)
-        best_id = torch.zeros((G, P), dtype=torch.long, device=device)
-
+    P = queries.shape[1]
+    step = P if rows_per_image is None else rows_per_image
     alpha = a / b2
     norm_coef = -(a * a) / (2.0 * b2)
+    blocks = [_QueryBlock(queries[:, s : s + step], with_stats) for s in range(0, P, step)]
+    empty = True
     for chunk in chunks:
-        cand = chunk.patches
+        empty = False
         bias = chunk.sq_norms * norm_coef
         if chunk.log_mult is not None:
             bias = bias + chunk.log_mult
-        # logits [G, P, M] = alpha * q.c + bias, in one batched GEMM (per image of a batch)
-        bias_rows, cand_t = bias.unsqueeze(1), cand.transpose(1, 2)
-        logits = _per_rows(
-            lambda q, bias_rows=bias_rows, cand_t=cand_t: torch.baddbmm(
-                bias_rows, q, cand_t, alpha=alpha
-            ),
-            queries,
-            rows_per_image,
-        )
-        chunk_max = logits.amax(dim=2)
-        if with_stats:
-            # the dominant candidate is a single training patch: compare logits without multiplicity
-            single = logits if chunk.log_mult is None else logits - chunk.log_mult.unsqueeze(1)
-            single_max, single_arg = single.max(dim=2)
-            better = single_max > best_logit  # strict: ties keep the earliest candidate
-            best_logit = torch.where(better, single_max, best_logit)
-            best_id = torch.where(better, single_arg + chunk.first_id, best_id)
-        new_max = torch.maximum(run_max, chunk_max)
-        # clamp keeps exp(-inf - -inf) = nan away while a group has seen only padding
-        safe_max = new_max.clamp(min=lowest)
-        weights = logits.sub_(safe_max.unsqueeze(2)).clamp_(min=EXP_FLOOR).exp_()
-        rescale = torch.exp(run_max - safe_max)
-        contrib = _per_rows(
-            lambda w, c=chunk.centres_and_ones: torch.bmm(w, c), weights, rows_per_image
-        )
-        run_acc = contrib if run_acc is None else run_acc * rescale.unsqueeze(2) + contrib
-        if with_stats:
-            # sum of squared weights over individual candidates: a group of n copies adds n w^2
-            sq = weights.square()
-            if chunk.log_mult is not None:
-                inv_mult = torch.exp(-chunk.log_mult).nan_to_num(posinf=0.0)  # padding: 0
-                sq = sq * inv_mult.unsqueeze(1)
-            run_sq = run_sq * rescale * rescale + sq.sum(dim=2)
-        run_max = new_max
-    if run_acc is None:
+        for i, block in enumerate(blocks):
+            dots = None if chunk.dots is None else chunk.dots[:, i * step : (i + 1) * step]
+            block.update(chunk, bias, alpha, dots)
+    if empty:
         raise ValueError("no candidates: the candidate set of a query group is empty")
-    run_sum = run_acc[:, :, -1]
-    mean = run_acc[:, :, :-1] / run_sum.unsqueeze(2)
+    results = [block.result() for block in blocks]
+    mean = torch.cat([m for m, _ in results], dim=1)
     stats = None
     if with_stats:
         stats = SoftmaxStats(
-            best_id=best_id,
-            best_weight=torch.exp(best_logit - run_max) / run_sum,
-            n_eff=run_sum.square() / run_sq,
+            *(
+                torch.cat([getattr(st, f) for _, st in results], dim=1)
+                for f in SoftmaxStats.__dataclass_fields__
+            )
         )
     return mean, stats
