@@ -227,17 +227,30 @@ class PatchIndex:
                 index._try_dedup(fam, 1.0 if dedup is True else dedup_max_fraction)
         return index
 
-    def _unfold_family(self, fam: Family, images: torch.Tensor) -> torch.Tensor:
-        """Candidates of a family for a batch of float images, [G, n*S, D], in id order."""
+    def _unfold_family(
+        self, fam: Family, images: torch.Tensor, transposed: bool = False
+    ) -> torch.Tensor:
+        """Candidates of a family for a batch of float images, [G, n*S, D] in id order, or [G, D, n*S]
+        (contiguous) with transposed=True: the layout the logits' matrix product reads fastest."""
         n = images.shape[0]
         if fam.name == "whole":
-            return images.reshape(1, n, -1)
+            flat = images.reshape(1, n, -1)
+            return flat.transpose(1, 2).contiguous() if transposed else flat
         k, d = self.k, self.k // 2
         padded = F.pad(images, (d, d, d, d)) if d else images
         # [n, C, H, W, k, k]: a view whose (r, c) entry is the zero-padded patch centred on (r, c)
         patches = padded.unfold(2, k, 1).unfold(3, k, 1)
+        if fam.name == "interior" and transposed:
+            # every fully-inside position, row-major: a rectangle of the view, copied once (no gather)
+            H, W = images.shape[-2:]
+            inside = patches[:, :, d : H - d, d : W - d]  # [n, C, H-2d, W-2d, k, k]
+            return inside.permute(1, 4, 5, 0, 2, 3).reshape(
+                1, -1, inside[0, 0].numel() // (k * k) * n
+            )
         picked = patches[:, :, fam.cand_rows, fam.cand_cols]  # [n, C, G, S, k, k], one gather
         G, S = fam.cand_rows.shape
+        if transposed:
+            return picked.permute(2, 1, 4, 5, 0, 3).reshape(G, -1, n * S)
         return picked.permute(2, 0, 3, 1, 4, 5).reshape(G, n * S, -1)
 
     def _implicit_sq_norms(self, fam: Family, chunk_images: int) -> torch.Tensor:
@@ -309,13 +322,13 @@ class PatchIndex:
         Materialised families (see materialize) yield views of the explicit, centred candidates."""
         mat = self.materialized(fam)
         if mat is not None:
-            patches, centres, sq, log_mult, _ = mat
-            M = patches.shape[1]
+            patches_t, centres_t, sq, log_mult, _ = mat
+            M = patches_t.shape[2]
             step = max(1, max_candidates)
             for m0 in range(0, M, step):
                 yield CandidateChunk(
-                    patches=patches[:, m0 : m0 + step],
-                    centres_and_ones=centres[:, m0 : m0 + step],
+                    patches_t=patches_t[:, :, m0 : m0 + step],
+                    centres_t=centres_t[:, :, m0 : m0 + step],
                     sq_norms=sq[:, m0 : m0 + step],
                     log_mult=None if log_mult is None else log_mult[:, m0 : m0 + step],
                     first_id=m0,
@@ -325,10 +338,11 @@ class PatchIndex:
             U = fam.unique.shape[1]
             step = max(1, max_candidates)
             for u0 in range(0, U, step):
-                patches = _codes_to_float(fam.unique[:, u0 : u0 + step].to(device), dtype)
+                codes = fam.unique[:, u0 : u0 + step].to(device).transpose(1, 2)
+                patches_t = _codes_to_float(codes, dtype).contiguous()
                 yield CandidateChunk(
-                    patches=patches,
-                    centres_and_ones=self._centres_and_ones(fam, patches),
+                    patches_t=patches_t,
+                    centres_t=self._centres_t(fam, patches_t),
                     sq_norms=fam.unique_sq_norms[:, u0 : u0 + step].to(device, dtype),
                     log_mult=fam.unique_log_mult[:, u0 : u0 + step].to(device, dtype),
                     first_id=u0,
@@ -338,10 +352,10 @@ class PatchIndex:
         step = max(1, max_candidates // S)
         for i0 in range(0, self.images.shape[0], step):
             imgs = to_float(self.images[i0 : i0 + step].to(device), dtype)
-            patches = self._unfold_family(fam, imgs)
+            patches_t = self._unfold_family(fam, imgs, transposed=True)
             yield CandidateChunk(
-                patches=patches,
-                centres_and_ones=self._centres_and_ones(fam, patches),
+                patches_t=patches_t,
+                centres_t=self._centres_t(fam, patches_t),
                 sq_norms=fam.sq_norms[:, i0 * S : (i0 + imgs.shape[0]) * S].to(device, dtype),
                 log_mult=None,
                 first_id=i0 * S,
@@ -405,10 +419,10 @@ class PatchIndex:
                     out = out.view(n, G, P, -1).index_select(3, rows[0])
                 per_image.append(out.permute(1, 2, 0, 3).reshape(G, P, n * S))
             centres = imgs[:, :, rows, cols]  # [n, C, G, S]
-            centres = centres.permute(2, 0, 3, 1).reshape(G, n * S, C)
+            centres = centres.permute(2, 1, 0, 3).reshape(G, C, n * S)
             yield CandidateChunk(
-                patches=None,
-                centres_and_ones=torch.cat([centres, centres.new_ones(G, n * S, 1)], dim=2),
+                patches_t=None,
+                centres_t=torch.cat([centres, centres.new_ones(G, 1, n * S)], dim=1),
                 sq_norms=fam.sq_norms[:, i0 * S : (i0 + n) * S].to(device, dtype),
                 log_mult=None,
                 first_id=i0 * S,
@@ -452,8 +466,8 @@ class PatchIndex:
                 centred = (cand - mu.unsqueeze(1)) * (weight > 0).unsqueeze(2)  # padding: 0
                 out.append(
                     (
-                        centred.to(dtype),
-                        self._centres_and_ones(fam, cand.to(dtype)),
+                        centred.to(dtype).transpose(1, 2).contiguous(),
+                        self._centres_t(fam, cand.to(dtype).transpose(1, 2)),
                         centred.square().sum(dim=2).to(dtype),
                         log_mult,
                         mu.to(dtype),
@@ -475,17 +489,17 @@ class PatchIndex:
             mu = total / (N * S)
             G, D = mu.shape
             E = D if fam.name == "whole" else self.images.shape[1]
-            patches = torch.empty(G, N * S, D, dtype=dtype, device=device)
-            centres = torch.empty(G, N * S, E + 1, dtype=dtype, device=device)
+            patches_t = torch.empty(G, D, N * S, dtype=dtype, device=device)
+            centres_t = torch.empty(G, E + 1, N * S, dtype=dtype, device=device)
             sq = torch.empty(G, N * S, dtype=dtype, device=device)
             for i in range(0, N, step):
                 cand = unfold(i)
                 sl = slice(i * S, i * S + cand.shape[1])
                 centred = cand - mu.unsqueeze(1)
-                patches[:, sl] = centred
+                patches_t[:, :, sl] = centred.transpose(1, 2)
                 sq[:, sl] = centred.square().sum(dim=2)
-                centres[:, sl] = self._centres_and_ones(fam, cand)
-            out.append((patches, centres, sq, None, mu.to(dtype)))
+                centres_t[:, :, sl] = self._centres_t(fam, cand.transpose(1, 2))
+            out.append((patches_t, centres_t, sq, None, mu.to(dtype)))
         self._materialized = (key, out)
 
     def release(self) -> None:
@@ -493,22 +507,24 @@ class PatchIndex:
         self._materialized = None
 
     def materialized(self, fam: Family):
-        """(patches, centres_and_ones, sq_norms, log_mult, mu) of fam if materialised, else None."""
+        """(patches_t [G, D, M], centres_t [G, E + 1, M], sq_norms, log_mult, mu) of fam if
+        materialised, else None."""
         m = getattr(self, "_materialized", None)
         if m is None:
             return None
         return m[1][self.families.index(fam)]
 
-    def _centres_and_ones(self, fam: Family, patches: torch.Tensor) -> torch.Tensor:
-        """[G, M, E + 1]: each candidate's centre value(s) (the whole image for the ideal score) and a 1."""
-        G, M, D = patches.shape
+    def _centres_t(self, fam: Family, patches_t: torch.Tensor) -> torch.Tensor:
+        """[G, E + 1, M]: each candidate's centre value(s) (the whole image for the ideal score), then a
+        row of ones (one product then gives the weighted sums and the normaliser); patches_t [G, D, M]."""
+        G, D, M = patches_t.shape
         if fam.name == "whole":
-            centres = patches
+            centres = patches_t
         else:
             C, k, d = D // (self.k * self.k), self.k, self.k // 2
-            centre = torch.arange(C, device=patches.device) * k * k + d * k + d
-            centres = patches.index_select(2, centre)
-        return torch.cat([centres, patches.new_ones(G, M, 1)], dim=2)
+            centre = torch.arange(C, device=patches_t.device) * k * k + d * k + d
+            centres = patches_t.index_select(1, centre)
+        return torch.cat([centres, patches_t.new_ones(G, 1, M)], dim=1)
 
     def source_of(self, fam: Family, ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Candidate ids [G, P] of a family -> (image, row, col) of each candidate patch's centre."""

@@ -29,14 +29,15 @@ EXP_FLOOR = -80.0
 
 @dataclass
 class CandidateChunk:
-    """One chunk of candidates for every group: patches [G, M, D], their centres with a column of ones
-    appended [G, M, E + 1] (one product then gives the weighted sum and the normaliser), squared norms
-    [G, M], optional log multiplicities [G, M] (-inf marks padding), the id of the first candidate.
+    """One chunk of candidates for every group: patches_t [G, D, M] (candidates as columns: the layout
+    the logits' product reads fastest), their centres with a row of ones below [G, E + 1, M] (one
+    product then gives the weighted sums and the normaliser), squared norms [G, M], optional log
+    multiplicities [G, M] (-inf marks padding), the id of the first candidate.
     dots [G, P, M]: the query-candidate dot products when the chunk producer computed them itself
-    (PatchIndex.dot_chunks); patches is then None."""
+    (PatchIndex.dot_chunks); patches_t is then None."""
 
-    patches: torch.Tensor | None
-    centres_and_ones: torch.Tensor
+    patches_t: torch.Tensor | None
+    centres_t: torch.Tensor
     sq_norms: torch.Tensor
     log_mult: torch.Tensor | None
     first_id: int
@@ -61,7 +62,7 @@ class _QueryBlock:
         dtype, device = queries.dtype, queries.device
         self.queries, self.with_stats = queries, with_stats
         self.run_max = torch.full((G, P), float("-inf"), dtype=dtype, device=device)
-        self.acc = None  # [G, P, E + 1]: weighted sum of centres, then the sum of weights
+        self.acc = None  # [G, E + 1, P]: weighted sums of centres, then the sum of weights
         if with_stats:
             self.sq = torch.zeros((G, P), dtype=dtype, device=device)
             self.best_logit = torch.full((G, P), float("-inf"), dtype=dtype, device=device)
@@ -72,8 +73,7 @@ class _QueryBlock:
         if dots is not None:
             logits = torch.add(bias.unsqueeze(1), dots, alpha=alpha)
         else:
-            cand_t = chunk.patches.transpose(1, 2)
-            logits = torch.baddbmm(bias.unsqueeze(1), self.queries, cand_t, alpha=alpha)
+            logits = torch.baddbmm(bias.unsqueeze(1), self.queries, chunk.patches_t, alpha=alpha)
         if self.with_stats:
             # the dominant candidate is a single training patch: compare logits without multiplicity
             single = logits if chunk.log_mult is None else logits - chunk.log_mult.unsqueeze(1)
@@ -89,8 +89,10 @@ class _QueryBlock:
         safe_max = new_max.clamp(min=torch.finfo(logits.dtype).min)
         weights = logits.sub_(safe_max.unsqueeze(2)).clamp_(min=EXP_FLOOR).exp_()
         rescale = torch.exp(self.run_max - safe_max)
-        contrib = torch.bmm(weights, chunk.centres_and_ones)
-        self.acc = contrib if self.acc is None else self.acc * rescale.unsqueeze(2) + contrib
+        # [G, E + 1, M] x [G, M, P]: with the candidates as the long inner dimension this product is
+        # several times faster than weights [G, P, M] x [G, M, E + 1] (a narrow, memory-bound one)
+        contrib = torch.bmm(chunk.centres_t, weights.transpose(1, 2))
+        self.acc = contrib if self.acc is None else self.acc * rescale.unsqueeze(1) + contrib
         if self.with_stats:
             # sum of squared weights over individual candidates: a group of n copies adds n w^2
             sq = weights.square()
@@ -101,8 +103,8 @@ class _QueryBlock:
         self.run_max = new_max
 
     def result(self) -> tuple[torch.Tensor, SoftmaxStats | None]:
-        run_sum = self.acc[:, :, -1]
-        mean = self.acc[:, :, :-1] / run_sum.unsqueeze(2)
+        run_sum = self.acc[:, -1]
+        mean = (self.acc[:, :-1] / run_sum.unsqueeze(1)).transpose(1, 2)
         if not self.with_stats:
             return mean, None
         return mean, SoftmaxStats(
