@@ -99,13 +99,25 @@ def main(argv=None):
     p.add_argument("--evals", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--samples", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument(
+        "--baseline-batch8-ks",
+        default="11,17",
+        help="patch sizes at which the baseline's evaluation also runs at batch 8 (at k=3 it takes "
+        "about half an hour on 2 cores); elsewhere batch-8 ratios use the baseline's batch-1 time "
+        "per image",
+    )
+    p.add_argument(
         "--baseline-batch8-sample",
         action="store_true",
         help="also run the baseline's full sample at B=8 (hours at N=6000)",
     )
     p.add_argument("--r2-classes", default="0,1,2,3,4,5,6,7,8,9")
     p.add_argument("--r2-seeds", type=int, default=2, help="seeds per class for fast-mode r^2")
-    p.add_argument("--fast-fraction", type=float, default=0.1)
+    p.add_argument("--fast-fraction", type=float, default=0.25)
+    p.add_argument(
+        "--r2-fractions",
+        default=None,
+        help="fast-mode training fractions for the speed/r^2 trade-off (default: --fast-fraction)",
+    )
     p.add_argument("--fast-exact-below", type=float, default=0.0)
     p.add_argument("--memory-budget-gb", type=float, default=8.0)
     p.add_argument("--out", default="results/benchmarks")
@@ -114,11 +126,14 @@ def main(argv=None):
     if args.quick:
         args.n_train = args.n_train or 200
         args.r2_classes, args.r2_seeds = "0,3", 1
+        args.baseline_batch8_ks = ",".join(args.ks.split(","))
     name = args.name or ("quick" if args.quick else "full")
     out = Path(args.out)
     budget = int(args.memory_budget_gb * 2**30)
     ks = [int(k) for k in args.ks.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
+    base8_ks = {int(k) for k in args.baseline_batch8_ks.split(",") if k}
+    fractions = [float(f) for f in (args.r2_fractions or str(args.fast_fraction)).split(",")]
     torch.set_grad_enabled(False)
 
     train, _ = load_prepared(args.data, cls=args.cls)
@@ -147,6 +162,7 @@ def main(argv=None):
                 "seconds",
                 "per_image_s",
                 "ratio_to_baseline",
+                "baseline_batch",
                 "max_abs_diff_vs_baseline",
                 "peak_rss_gb",
                 "build_s",
@@ -166,25 +182,32 @@ def main(argv=None):
             fast_index, fast_build_s, _ = timed(
                 lambda k=k, s=subset: els.PatchIndex.build(train[s], "bbels", k)
             )
+            base_per_image = None  # the baseline's batch-1 seconds per image, for batches it skips
             for B in batches:
                 g = torch.Generator().manual_seed(100 + B)
                 clean = els.index.to_float(
                     train[torch.randint(N, (B,), generator=g)], torch.float32
                 )
                 x = a * clean + b * torch.randn(clean.shape, generator=g)
-                mb, tb, mem_b = timed(lambda x=x, t=t, k=k: baseline_denoise(x, t, train, k))
-                ev.row(
-                    k=k,
-                    t=t,
-                    batch=B,
-                    mode="baseline",
-                    seconds=tb,
-                    per_image_s=tb / B,
-                    ratio_to_baseline=1.0,
-                    max_abs_diff_vs_baseline=0.0,
-                    peak_rss_gb=mem_b,
-                    load1=os.getloadavg()[0],
-                )
+                mb, base_b = None, B
+                if B == 1 or k in base8_ks or base_per_image is None:
+                    mb, tb, mem_b = timed(lambda x=x, t=t, k=k: baseline_denoise(x, t, train, k))
+                    base_per_image = tb / B if B == 1 else base_per_image
+                    ev.row(
+                        k=k,
+                        t=t,
+                        batch=B,
+                        mode="baseline",
+                        seconds=tb,
+                        per_image_s=tb / B,
+                        ratio_to_baseline=1.0,
+                        baseline_batch=B,
+                        max_abs_diff_vs_baseline=0.0,
+                        peak_rss_gb=mem_b,
+                        load1=os.getloadavg()[0],
+                    )
+                else:
+                    tb, base_b = base_per_image * B, 1
                 for mode, idx, bs in (
                     ("exact", index, build_s),
                     ("fast", fast_index, fast_build_s),
@@ -192,6 +215,8 @@ def main(argv=None):
                     m, dt, mem = timed(
                         lambda idx=idx, x=x, t=t: els.denoise(idx, x, t, memory_budget=budget)
                     )
+                    if mode == "exact" and mb is None:
+                        mb = m  # no baseline at this batch: differences against exact mode
                     ev.row(
                         k=k,
                         t=t,
@@ -200,7 +225,8 @@ def main(argv=None):
                         seconds=dt,
                         per_image_s=dt / B,
                         ratio_to_baseline=tb / dt,
-                        max_abs_diff_vs_baseline=(m - mb).abs().max().item(),
+                        baseline_batch=base_b,
+                        max_abs_diff_vs_baseline=(m - mb).abs().max().item() if base_b == B else "",
                         peak_rss_gb=mem,
                         build_s=bs,
                         load1=os.getloadavg()[0],
@@ -281,11 +307,22 @@ def main(argv=None):
     # ------------------------------------------------------------------ fast-mode r^2 across classes
     classes = [int(c) for c in args.r2_classes.split(",") if c != ""]
     if classes:
+        # exact mode once per class, fast mode at each fraction: the speed / r^2 trade-off
         rw = Writer(
             out / f"{name}_r2.csv",
-            ["cls", "seeds", "exact_s", "fast_s", "r2_vs_exact", "max_abs_diff"],
+            [
+                "cls",
+                "seeds",
+                "fast_fraction",
+                "exact_s",
+                "fast_s",
+                "speedup",
+                "r2_vs_exact",
+                "max_abs_diff",
+            ],
         )
-        exact_all, fast_all = [], []
+        exact_all, fast_all = [], {f: [] for f in fractions}
+        exact_time, fast_time = 0.0, dict.fromkeys(fractions, 0.0)
         for c in classes:
             tr, _ = load_prepared(args.data, cls=c)
             if args.n_train:
@@ -294,46 +331,47 @@ def main(argv=None):
                 args.r2_seeds, 1, 32, 32, generator=torch.Generator().manual_seed(1000 + c)
             )
             idx = els.build_indexes("bbels", tr, FASHION_RESNET)
-            ex, te, _ = timed(
-                lambda tr=tr, noise=noise, idx=idx: els.sample(
-                    "bbels",
-                    tr,
-                    FASHION_RESNET,
-                    noise,
-                    indexes=idx,
-                    memory_budget=budget,
-                    disable=True,
-                )
+            run = lambda tr=tr, noise=noise, idx=idx, **opts: els.sample(  # noqa: E731
+                "bbels",
+                tr,
+                FASHION_RESNET,
+                noise,
+                indexes=idx,
+                memory_budget=budget,
+                disable=True,
+                **opts,
             )
-            fa, tf, _ = timed(
-                lambda tr=tr, noise=noise, idx=idx: els.sample(
-                    "bbels",
-                    tr,
-                    FASHION_RESNET,
-                    noise,
-                    indexes=idx,
-                    memory_budget=budget,
-                    disable=True,
-                    mode="fast",
-                    **fast_opts,
-                )
-            )
+            ex, te, _ = timed(run)
             exact_all.append(ex)
-            fast_all.append(fa)
+            exact_time += te
+            for f in fractions:
+                opts = dict(mode="fast", fast_fraction=f, fast_exact_below=args.fast_exact_below)
+                fa, tf, _ = timed(lambda opts=opts, run=run: run(**opts))
+                fast_all[f].append(fa)
+                fast_time[f] += tf
+                rw.row(
+                    cls=c,
+                    seeds=args.r2_seeds,
+                    fast_fraction=f,
+                    exact_s=te,
+                    fast_s=tf,
+                    speedup=te / tf,
+                    r2_vs_exact=r_squared(fa, ex),
+                    max_abs_diff=(fa - ex).abs().max().item(),
+                )
+        exact_cat = torch.cat(exact_all)
+        for f in fractions:
+            fast_cat = torch.cat(fast_all[f])
             rw.row(
-                cls=c,
-                seeds=args.r2_seeds,
-                exact_s=te,
-                fast_s=tf,
-                r2_vs_exact=r_squared(fa, ex),
-                max_abs_diff=(fa - ex).abs().max().item(),
+                cls="all",
+                seeds=args.r2_seeds * len(classes),
+                fast_fraction=f,
+                exact_s=exact_time,
+                fast_s=fast_time[f],
+                speedup=exact_time / fast_time[f],
+                r2_vs_exact=r_squared(fast_cat, exact_cat),
+                max_abs_diff=(fast_cat - exact_cat).abs().max().item(),
             )
-        rw.row(
-            cls="all",
-            seeds=args.r2_seeds * len(classes),
-            r2_vs_exact=r_squared(torch.cat(fast_all), torch.cat(exact_all)),
-            max_abs_diff=(torch.cat(fast_all) - torch.cat(exact_all)).abs().max().item(),
-        )
     print(f"# wrote {out}/{name}_*.csv", flush=True)
 
 
