@@ -23,9 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import els  # noqa: E402
-from benchmarks.baseline import baseline_denoise, baseline_sample  # noqa: E402
+from benchmarks.baseline import baseline_denoise  # noqa: E402
 from els.data import load_prepared  # noqa: E402
-from els.schedule import noise_scale, signal_scale  # noqa: E402
+from els.schedule import noise_scale, reverse_steps, signal_scale  # noqa: E402
 
 # FashionMNIST, ResNet, zero padding, conditional (published_scales.csv): the paper's schedule
 FASHION_RESNET = [3, 3, 5, 5, 7, 7, 9, 9, 9, 11, 11, 11, 13, 13, 13, 15, 15, 15, 17, 17]
@@ -88,6 +88,33 @@ def r_squared(pred: torch.Tensor, target: torch.Tensor) -> float:
     return float(1 - (pred - target).square().sum() / sst)
 
 
+def lockstep_samples(noise: torch.Tensor, denoisers: dict):
+    """The spec's reverse process (els.sampler.sample_reverse's steps) for several denoisers in
+    lockstep: at every step each mode denoises its own x in turn, so that slow drifts in the load of a
+    shared machine hit every mode alike. Returns the final images, the seconds spent in each mode's
+    denoiser (the step arithmetic is negligible) and each mode's peak resident memory (GB)."""
+    n = len(FASHION_RESNET)
+    xs = dict.fromkeys(denoisers, noise)
+    seconds = dict.fromkeys(denoisers, 0.0)
+    peak = dict.fromkeys(denoisers, 0.0)
+    for i, t, t_next in reverse_steps(n):
+        k = FASHION_RESNET[i]
+        a, b = signal_scale(t), noise_scale(t)
+        ratio = signal_scale(t_next) / a
+        for mode, denoise in denoisers.items():
+            x = xs[mode]
+            m, dt, mem = timed(lambda denoise=denoise, x=x, t=t, k=k: denoise(x, t, k))
+            seconds[mode] += dt
+            peak[mode] = max(peak[mode], mem)
+            eps = (x - a * m) / b
+            xs[mode] = ratio * x + (noise_scale(t_next) - ratio * b) * eps
+        print(
+            f"# step i={i} k={k}: " + " ".join(f"{m}={s:.1f}s" for m, s in seconds.items()),
+            flush=True,
+        )
+    return xs, seconds, peak
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--data", default="/tmp/fm/train.safetensors", help="prepared FashionMNIST")
@@ -147,7 +174,6 @@ def main(argv=None):
         f"load {load[0]:.2f}, budget {args.memory_budget_gb} GB",
         flush=True,
     )
-    fast_opts = dict(fast_fraction=args.fast_fraction, fast_exact_below=args.fast_exact_below)
     n = len(FASHION_RESNET)
 
     # ------------------------------------------------------------------ per score evaluation
@@ -253,52 +279,59 @@ def main(argv=None):
         )
         indexes, build_s, _ = timed(lambda: els.build_indexes("bbels", train, FASHION_RESNET))
         print(f"# index build for k={sorted(indexes)}: {build_s:.1f} s", flush=True)
+        fast_n = max(1, math.ceil(args.fast_fraction * N))
+        subset = torch.randperm(N, generator=torch.Generator().manual_seed(0))[:fast_n]
+        subset = subset.sort().values  # the subset els.sample(mode='fast') uses (fast_seed=0)
+        fast_indexes, fast_build_s, _ = timed(
+            lambda: els.build_indexes("bbels", train[subset], FASHION_RESNET)
+        )
+        denoisers = {
+            "baseline": lambda x, t, k: baseline_denoise(x, t, train, k),
+            "exact": lambda x, t, k: els.denoise(indexes[k], x, t, memory_budget=budget),
+            "fast": lambda x, t, k: els.denoise(
+                (fast_indexes if t >= args.fast_exact_below else indexes)[k],
+                x,
+                t,
+                memory_budget=budget,
+            ),
+        }
+        builds = {"baseline": "", "exact": build_s, "fast": fast_build_s}
         for B in batches:
             noise = torch.randn(B, 1, 32, 32, generator=torch.Generator().manual_seed(B))
-            base = None
+            modes = ["exact", "fast"]
             if B == 1 or args.baseline_batch8_sample:
-                base, tb, mem_b = timed(
-                    lambda noise=noise: baseline_sample(train, FASHION_RESNET, noise)
+                modes.insert(0, "baseline")
+            final, seconds, peak = lockstep_samples(noise, {m: denoisers[m] for m in modes})
+            if B == 1:
+                # the lockstep loop is els.sample's: its exact image is els.sample's, bit for bit
+                check = els.sample(
+                    "bbels",
+                    train,
+                    FASHION_RESNET,
+                    noise,
+                    indexes=indexes,
+                    memory_budget=budget,
+                    disable=True,
                 )
-                sp.row(
-                    batch=B,
-                    mode="baseline",
-                    seconds=tb,
-                    per_sample_s=tb / B,
-                    ratio_to_baseline=1.0,
-                    max_abs_diff_vs_baseline=0.0,
-                    peak_rss_gb=mem_b,
-                    load1=os.getloadavg()[0],
-                )
-            exact = None
-            for mode, opts in (("exact", {}), ("fast", dict(mode="fast", **fast_opts))):
-                x, dt, mem = timed(
-                    lambda noise=noise, opts=opts: els.sample(
-                        "bbels",
-                        train,
-                        FASHION_RESNET,
-                        noise,
-                        indexes=indexes,
-                        memory_budget=budget,
-                        disable=True,
-                        **opts,
-                    )
-                )
-                exact = x if mode == "exact" else exact
+                assert torch.equal(check, final["exact"]), "lockstep exact != els.sample"
+            exact = final["exact"]
+            base = final.get("baseline")
+            for mode in modes:
+                x = final[mode]
                 row = dict(
                     batch=B,
                     mode=mode,
-                    seconds=dt,
-                    per_sample_s=dt / B,
+                    seconds=seconds[mode],
+                    per_sample_s=seconds[mode] / B,
                     max_abs_diff_vs_exact=(x - exact).abs().max().item(),
                     r2_vs_exact=r_squared(x, exact),
-                    peak_rss_gb=mem,
-                    build_s=build_s,
+                    peak_rss_gb=peak[mode],
+                    build_s=builds[mode],
                     load1=os.getloadavg()[0],
                 )
                 if base is not None:
                     row.update(
-                        ratio_to_baseline=tb / dt,
+                        ratio_to_baseline=seconds["baseline"] / seconds[mode],
                         max_abs_diff_vs_baseline=(x - base).abs().max().item(),
                     )
                 sp.row(**row)
