@@ -54,7 +54,7 @@ def sample(
     callback=None,
     disable: bool | None = None,
     mode: str = "exact",
-    fast_fraction: float = 0.1,
+    fast_fraction: float = 0.25,
     fast_exact_below: float = 0.0,
     fast_seed: int = 0,
     materialize: bool = False,

@@ -47,6 +47,9 @@ with log_to(snakemake.log[0]):
         return_trajectory=True,
         provenance=snakemake.params.provenance,
         disable=False,  # tqdm bar in the log
+        mode=snakemake.params.mode,
+        fast_fraction=float(snakemake.params.fast_fraction),
+        fast_exact_below=float(snakemake.params.fast_exact_below),
     )
     runtime = time.perf_counter() - start
     tensors = {"noise": noise, "image": images.float().cpu()}
@@ -72,6 +75,15 @@ with log_to(snakemake.log[0]):
             "k": json.dumps(trajectory.k),
             "device": str(device),
             "dtype": snakemake.params.dtype,
+            "mode": snakemake.params.mode,
+            "fast": json.dumps(
+                {
+                    "fraction": float(snakemake.params.fast_fraction),
+                    "exact_below": float(snakemake.params.fast_exact_below),
+                }
+                if snakemake.params.mode == "fast"
+                else None
+            ),
             "threads": str(snakemake.threads),
             "els_version": els.__version__,
             "torch_version": torch.__version__,
