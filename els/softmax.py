@@ -136,7 +136,10 @@ def streaming_softmax_mean(
     step = P if rows_per_image is None else rows_per_image
     alpha = a / b2
     norm_coef = -(a * a) / (2.0 * b2)
-    blocks = [_QueryBlock(queries[:, s : s + step], with_stats) for s in range(0, P, step)]
+    # contiguous: each block's layout is then exactly that of a batch of one
+    blocks = [
+        _QueryBlock(queries[:, s : s + step].contiguous(), with_stats) for s in range(0, P, step)
+    ]
     empty = True
     for chunk in chunks:
         empty = False
