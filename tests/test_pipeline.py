@@ -24,6 +24,7 @@ import torch
 import yaml
 from data_factory import write_idx_dataset, write_schedule
 from PIL import Image
+from tiny_workflow import environment, snakemake_command
 
 from els.data import load_prepared
 from els.index import to_float
@@ -102,23 +103,8 @@ def tiny_config(local_dir: Path, **sampling) -> dict:
 
 def snakemake(workdir: Path, *args: str, config: str = "config.yaml", check: bool = True):
     """Run the workflow in workdir; returns the CompletedProcess (stdout+stderr in .stdout)."""
-    command = [
-        sys.executable,
-        "-m",
-        "snakemake",
-        "--snakefile",
-        str(SNAKEFILE),
-        "--directory",
-        str(workdir),
-        "--workflow-profile",
-        str(PROFILE),
-        "--configfile",
-        str(workdir / config),
-        "--cores",
-        "2",
-        *args,
-    ]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    command = snakemake_command(workdir, "--cores", "2", *args, config=config, profile=PROFILE)
+    env = environment()
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     result.stdout = result.stdout + result.stderr
     if check and result.returncode != 0:
