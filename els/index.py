@@ -400,21 +400,26 @@ class PatchIndex:
             imgs = to_float(self.images[i0 : i0 + step].to(device), dtype)
             n = imgs.shape[0]
             padded = F.pad(imgs, (d, d, d, d)) if d else imgs
+            # what does not depend on the query image is built once per chunk, not per image
+            if fam.name in ("corners", "local"):
+                padded64 = padded.double()
+            elif fam.name == "rows":  # strips of the k padded rows around each edge row
+                strips = torch.cat([padded[:, :, r : r + k, :] for r in fam.cand_rows[:, 0]], 1)
+            else:  # cols: strips of the k padded columns around each edge column
+                strips = torch.cat([padded[:, :, :, c : c + k] for c in fam.cand_cols[:, 0]], 1)
             per_image = []
             for b in range(B):
                 if fam.name in ("corners", "local"):
-                    prod = (padded.double() * xp[b : b + 1]).sum(dim=1)  # [n, Hp, Wp]
+                    prod = (padded64 * xp[b : b + 1]).sum(dim=1)  # [n, Hp, Wp]
                     cs = F.pad(prod.cumsum(1).cumsum(2), (1, 0, 1, 0))
                     win = cs[:, r + k, c + k] - cs[:, r, c + k] - cs[:, r + k, c] + cs[:, r, c]
                     per_image.append(win.to(dtype).t().unsqueeze(1))  # [G, 1, n]
                     continue
                 w = queries[:, b * P : (b + 1) * P].reshape(G * P, C, k, k)
-                if fam.name == "rows":  # strip of the k padded rows around edge row r, all columns
-                    strips = torch.cat([padded[:, :, r : r + k, :] for r in fam.cand_rows[:, 0]], 1)
+                if fam.name == "rows":
                     out = F.conv2d(strips, w, groups=G)[:, :, 0, :]  # [n, G*P, W]: centre column
                     out = out.view(n, G, P, -1).index_select(3, cols[0])
-                else:  # cols: strip of the k padded columns around edge column c, all rows
-                    strips = torch.cat([padded[:, :, :, c : c + k] for c in fam.cand_cols[:, 0]], 1)
+                else:
                     out = F.conv2d(strips, w, groups=G)[:, :, :, 0]  # [n, G*P, H]: centre row
                     out = out.view(n, G, P, -1).index_select(3, rows[0])
                 per_image.append(out.permute(1, 2, 0, 3).reshape(G, P, n * S))
