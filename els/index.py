@@ -244,9 +244,7 @@ class PatchIndex:
             # every fully-inside position, row-major: a rectangle of the view, copied once (no gather)
             H, W = images.shape[-2:]
             inside = patches[:, :, d : H - d, d : W - d]  # [n, C, H-2d, W-2d, k, k]
-            return inside.permute(1, 4, 5, 0, 2, 3).reshape(
-                1, -1, inside[0, 0].numel() // (k * k) * n
-            )
+            return inside.permute(1, 4, 5, 0, 2, 3).reshape(1, -1, n * (H - 2 * d) * (W - 2 * d))
         picked = patches[:, :, fam.cand_rows, fam.cand_cols]  # [n, C, G, S, k, k], one gather
         G, S = fam.cand_rows.shape
         if transposed:
