@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .softmax import CandidateChunk
+from .softmax import CandidateChunk, Workspace
 
 MACHINES = ("ideal", "ls", "els", "bbels")
 FORMAT_VERSION = 2
@@ -228,14 +228,26 @@ class PatchIndex:
         return index
 
     def _unfold_family(
-        self, fam: Family, images: torch.Tensor, transposed: bool = False
+        self,
+        fam: Family,
+        images: torch.Tensor,
+        transposed: bool = False,
+        workspace: Workspace | None = None,
     ) -> torch.Tensor:
         """Candidates of a family for a batch of float images, [G, n*S, D] in id order, or [G, D, n*S]
-        (contiguous) with transposed=True: the layout the logits' matrix product reads fastest."""
+        (contiguous) with transposed=True: the layout the logits' matrix product reads fastest.
+        workspace: write the transposed candidates into its "candidates" buffer."""
         n = images.shape[0]
+
+        def contiguous(view: torch.Tensor, shape) -> torch.Tensor:
+            if workspace is None:
+                return view.reshape(shape)
+            out = workspace.take("candidates", view.shape, view.dtype, view.device)
+            return out.copy_(view).view(shape)
+
         if fam.name == "whole":
             flat = images.reshape(1, n, -1)
-            return flat.transpose(1, 2).contiguous() if transposed else flat
+            return contiguous(flat.transpose(1, 2), (1, -1, n)) if transposed else flat
         k, d = self.k, self.k // 2
         padded = F.pad(images, (d, d, d, d)) if d else images
         # [n, C, H, W, k, k]: a view whose (r, c) entry is the zero-padded patch centred on (r, c)
@@ -244,11 +256,12 @@ class PatchIndex:
             # every fully-inside position, row-major: a rectangle of the view, copied once (no gather)
             H, W = images.shape[-2:]
             inside = patches[:, :, d : H - d, d : W - d]  # [n, C, H-2d, W-2d, k, k]
-            return inside.permute(1, 4, 5, 0, 2, 3).reshape(1, -1, n * (H - 2 * d) * (W - 2 * d))
+            shape = (1, -1, n * (H - 2 * d) * (W - 2 * d))
+            return contiguous(inside.permute(1, 4, 5, 0, 2, 3), shape)
         picked = patches[:, :, fam.cand_rows, fam.cand_cols]  # [n, C, G, S, k, k], one gather
         G, S = fam.cand_rows.shape
         if transposed:
-            return picked.permute(2, 1, 4, 5, 0, 3).reshape(G, -1, n * S)
+            return contiguous(picked.permute(2, 1, 4, 5, 0, 3), (G, -1, n * S))
         return picked.permute(2, 0, 3, 1, 4, 5).reshape(G, n * S, -1)
 
     def _implicit_sq_norms(self, fam: Family, chunk_images: int) -> torch.Tensor:
@@ -313,11 +326,18 @@ class PatchIndex:
         )
 
     def chunks(
-        self, fam: Family, dtype: torch.dtype, device: torch.device, max_candidates: int
+        self,
+        fam: Family,
+        dtype: torch.dtype,
+        device: torch.device,
+        max_candidates: int,
+        workspace: Workspace | None = None,
     ) -> Iterator[CandidateChunk]:
         """Candidate chunks of a family, at most max_candidates per group, converted to dtype on device.
 
-        Materialised families (see materialize) yield views of the explicit, centred candidates."""
+        Materialised families (see materialize) yield views of the explicit, centred candidates.
+        With a workspace, a chunk's candidates live in its buffers: each chunk is valid until the
+        next one is requested."""
         mat = self.materialized(fam)
         if mat is not None:
             patches_t, centres_t, sq, log_mult, _ = mat
@@ -337,7 +357,13 @@ class PatchIndex:
             step = max(1, max_candidates)
             for u0 in range(0, U, step):
                 codes = fam.unique[:, u0 : u0 + step].to(device).transpose(1, 2)
-                patches_t = _codes_to_float(codes, dtype).contiguous()
+                if workspace is None:
+                    patches_t = _codes_to_float(codes, dtype).contiguous()
+                else:  # the same conversion, written into the buffer
+                    patches_t = workspace.take("candidates", codes.shape, dtype, device)
+                    patches_t.copy_(codes)
+                    if codes.dtype == torch.int16:
+                        patches_t.div_(_CODE_SCALE)
                 yield CandidateChunk(
                     patches_t=patches_t,
                     centres_t=self._centres_t(fam, patches_t),
@@ -350,7 +376,7 @@ class PatchIndex:
         step = max(1, max_candidates // S)
         for i0 in range(0, self.images.shape[0], step):
             imgs = to_float(self.images[i0 : i0 + step].to(device), dtype)
-            patches_t = self._unfold_family(fam, imgs, transposed=True)
+            patches_t = self._unfold_family(fam, imgs, transposed=True, workspace=workspace)
             yield CandidateChunk(
                 patches_t=patches_t,
                 centres_t=self._centres_t(fam, patches_t),
@@ -401,10 +427,19 @@ class PatchIndex:
             # what does not depend on the query image is built once per chunk, not per image
             if fam.name in ("corners", "local"):
                 padded64 = padded.double()
-            elif fam.name == "rows":  # strips of the k padded rows around each edge row
-                strips = torch.cat([padded[:, :, r : r + k, :] for r in fam.cand_rows[:, 0]], 1)
-            else:  # cols: strips of the k padded columns around each edge column
-                strips = torch.cat([padded[:, :, :, c : c + k] for c in fam.cand_cols[:, 0]], 1)
+            elif fam.name == "rows":
+                # strips of the k padded rows around each edge row, only as wide as the candidates
+                # reach (their centres are the interior columns): [n, G*C, k, W]
+                H, W = imgs.shape[-2:]
+                strips = [padded[:, :, r : r + k, d : d + W] for r in fam.cand_rows[:, 0]]
+                strips = torch.cat(strips, 1)
+            else:
+                # cols: the same strips around each edge column, transposed so that the convolution
+                # runs along the strip's length as for rows (twice as fast as a k-wide, H-tall
+                # strip): [n, G*C, k, H]
+                H, W = imgs.shape[-2:]
+                strips = [padded[:, :, d : d + H, c : c + k] for c in fam.cand_cols[:, 0]]
+                strips = torch.cat(strips, 1).transpose(2, 3).contiguous()
             per_image = []
             for b in range(B):
                 if fam.name in ("corners", "local"):
@@ -414,13 +449,11 @@ class PatchIndex:
                     per_image.append(win.to(dtype).t().unsqueeze(1))  # [G, 1, n]
                     continue
                 w = queries[:, b * P : (b + 1) * P].reshape(G * P, C, k, k)
-                if fam.name == "rows":
-                    out = F.conv2d(strips, w, groups=G)[:, :, 0, :]  # [n, G*P, W]: centre column
-                    out = out.view(n, G, P, -1).index_select(3, cols[0])
-                else:
-                    out = F.conv2d(strips, w, groups=G)[:, :, :, 0]  # [n, G*P, H]: centre row
-                    out = out.view(n, G, P, -1).index_select(3, rows[0])
-                per_image.append(out.permute(1, 2, 0, 3).reshape(G, P, n * S))
+                if fam.name == "cols":
+                    w = w.transpose(2, 3)  # the query patches, transposed as the strips are
+                # [n, G*P, S]: one output per interior column (rows) or row (cols), in id order
+                out = F.conv2d(strips, w, groups=G)[:, :, 0, :]
+                per_image.append(out.view(n, G, P, S).permute(1, 2, 0, 3).reshape(G, P, n * S))
             centres = imgs[:, :, rows, cols]  # [n, C, G, S]
             centres = centres.permute(2, 1, 0, 3).reshape(G, C, n * S)
             yield CandidateChunk(

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from .index import MACHINES, PatchIndex, PatchIndexError, query_padding
 from .schedule import noise_scale, signal_scale
-from .softmax import streaming_softmax_mean
+from .softmax import Workspace, streaming_softmax_mean
 
 DEFAULT_MEMORY_BUDGET = 2 * 2**30  # bytes of chunk temporaries (logits, unfolded candidates)
 # logits per chunk: small enough to stay in cache between the product, the exp and the sums
@@ -140,13 +140,15 @@ def denoise(
         fam = index.families[0]
         D = C * H * W
         step = _chunk_candidates(index, 1, 1, D, D, dtype, budget, fam)
+        workspace = Workspace()
         mean, stats = streaming_softmax_mean(
             _centred_queries(index, fam, x.reshape(1, B, D), a),
-            index.chunks(fam, dtype, device, step),
+            index.chunks(fam, dtype, device, step, workspace),
             a=a,
             b2=b2,
             with_stats=return_provenance,
             rows_per_image=1,
+            workspace=workspace,
         )
         m = mean.reshape(B, C, H, W)
         if not return_provenance:
@@ -165,6 +167,7 @@ def denoise(
     padded = F.pad(x, (d, d, d, d), mode=query_padding(index.machine)) if d else x
     query_cols = F.unfold(padded, k)  # [B, D, H*W]: the patch centred on every pixel
     m = x.new_empty(B, C, H * W)
+    workspace = Workspace()  # chunk temporaries, reused across chunks and families
     if return_provenance:
         prov_maps = {n: torch.zeros(B, H * W, dtype=torch.long, device=device) for n in "irc"}
         weight = x.new_zeros(B, H * W)
@@ -179,7 +182,7 @@ def denoise(
             chunks = index.dot_chunks(fam, queries, x, step)
         else:
             queries = _centred_queries(index, fam, queries, a)
-            chunks = index.chunks(fam, dtype, device, step)
+            chunks = index.chunks(fam, dtype, device, step, workspace)
         mean, stats = streaming_softmax_mean(
             queries,
             chunks,
@@ -187,6 +190,7 @@ def denoise(
             b2=b2,
             with_stats=return_provenance,
             rows_per_image=per_group,
+            workspace=workspace,
         )
         # [G, B*P, C] -> [B, C, G*P], the order of pos
         m[:, :, pos] = mean.view(G, B, per_group, C).permute(1, 3, 0, 2).reshape(B, C, -1)
