@@ -88,6 +88,22 @@ def r_squared(pred: torch.Tensor, target: torch.Tensor) -> float:
     return float(1 - (pred - target).square().sum() / sst)
 
 
+def one_index_at_a_time(index_for, budget):
+    """A denoiser (x, t, k) over per-step indexes that, as els.sample does, releases the previous
+    index's explicit candidates (candidate blocks) when the index changes."""
+    current = {}
+
+    def denoise(x, t, k):
+        idx = index_for(t, k)
+        if current.get("index") is not idx:
+            if current.get("index") is not None:
+                current["index"].release()
+            current["index"] = idx
+        return els.denoise(idx, x, t, memory_budget=budget)
+
+    return denoise
+
+
 def lockstep_samples(noise: torch.Tensor, denoisers: dict):
     """The spec's reverse process (els.sampler.sample_reverse's steps) for several denoisers in
     lockstep: at every step each mode denoises its own x in turn, so that slow drifts in the load of a
@@ -206,7 +222,7 @@ def main(argv=None):
             subset = torch.randperm(N, generator=torch.Generator().manual_seed(0))[:fast_n]
             subset = subset.sort().values  # the subset els.sample(mode='fast') uses (fast_seed=0)
             fast_index, fast_build_s, _ = timed(
-                lambda k=k, s=subset: els.PatchIndex.build(train[s], "bbels", k)
+                lambda k=k, s=subset: els.PatchIndex.build(train[s], "bbels", k, blocks=False)
             )
             base_per_image = None  # the baseline's batch-1 seconds per image, for batches it skips
             for B in batches:
@@ -283,16 +299,16 @@ def main(argv=None):
         subset = torch.randperm(N, generator=torch.Generator().manual_seed(0))[:fast_n]
         subset = subset.sort().values  # the subset els.sample(mode='fast') uses (fast_seed=0)
         fast_indexes, fast_build_s, _ = timed(
-            lambda: els.build_indexes("bbels", train[subset], FASHION_RESNET)
+            lambda: els.build_indexes("bbels", train[subset], FASHION_RESNET, blocks=False)
         )
+        fast_or_exact = {
+            k: (fast_indexes[k], indexes[k]) for k in indexes
+        }  # (t >= fast_exact_below, below)
         denoisers = {
             "baseline": lambda x, t, k: baseline_denoise(x, t, train, k),
-            "exact": lambda x, t, k: els.denoise(indexes[k], x, t, memory_budget=budget),
-            "fast": lambda x, t, k: els.denoise(
-                (fast_indexes if t >= args.fast_exact_below else indexes)[k],
-                x,
-                t,
-                memory_budget=budget,
+            "exact": one_index_at_a_time(lambda t, k: indexes[k], budget),
+            "fast": one_index_at_a_time(
+                lambda t, k: fast_or_exact[k][0 if t >= args.fast_exact_below else 1], budget
             ),
         }
         builds = {"baseline": "", "exact": build_s, "fast": fast_build_s}

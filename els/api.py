@@ -105,7 +105,8 @@ def sample(
         subset = torch.randperm(N, generator=gen)[: max(1, math.ceil(fast_fraction * N))]
         subset = subset.sort().values
         fast_train = full.cpu()[subset]
-        fast = {k: PatchIndex.build(fast_train, kind, k).to(device) for k in needed}
+        # no block plans: building them costs more than a fast sample's pruning would save
+        fast = {k: PatchIndex.build(fast_train, kind, k, blocks=False).to(device) for k in needed}
         subset = subset.to(device)
     budget = memory_budget or DEFAULT_MEMORY_BUDGET
     current = {}
@@ -114,10 +115,11 @@ def sample(
         key = 0 if kind == "ideal" else k
         use_fast = mode == "fast" and t >= fast_exact_below
         idx = fast[key] if use_fast else on_device[key]
-        if materialize and current.get("index") is not idx:
+        if current.get("index") is not idx:
+            # one patch size's explicit candidates (materialised, candidate blocks) at a time
             if current.get("index") is not None:
                 current["index"].release()
-            if idx.materialized_bytes(dtype) <= budget // 4:
+            if materialize and idx.materialized_bytes(dtype) <= budget // 4:
                 idx.materialize(dtype, device)
             current["index"] = idx
         out = denoise(idx, x, t, memory_budget=memory_budget, return_provenance=provenance)

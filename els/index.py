@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .blocks import BlockPlan, CandidateBlocks
 from .softmax import CandidateChunk, Workspace
 
 MACHINES = ("ideal", "ls", "els", "bbels")
@@ -182,12 +183,15 @@ class PatchIndex:
         images: torch.Tensor,
         families: list[Family],
         fingerprint: str | None = None,
+        block_plans: dict[int, BlockPlan] | None = None,
     ):
         self.machine = machine
         self.k = k
         self.images = images
         self.families = families
         self.fingerprint = fingerprint or images_fingerprint(images)
+        # family position -> its BlockPlan (certified pruning, els.blocks); CPU tensors
+        self.block_plans = dict(block_plans or {})
 
     # ----------------------------------------------------------------------------- building
     @classmethod
@@ -201,11 +205,15 @@ class PatchIndex:
         dedup_max_k: int = 7,
         dedup_max_fraction: float = 0.75,
         chunk_images: int = 256,
+        blocks: bool | str = "auto",
+        blocks_max_k: int = 9,
     ) -> PatchIndex:
         """Build the index of `machine` at patch size k (ignored for 'ideal').
 
         dedup: True, False or 'auto' (try for k <= dedup_max_k, keep if at most dedup_max_fraction of
         the candidates are distinct).
+        blocks: True, False or 'auto' (k <= blocks_max_k): plan the interior family's candidate
+        blocks for certified pruning at low noise (els.blocks; ELS and bbELS only).
         """
         if images.dim() != 4:
             raise PatchIndexError(
@@ -225,6 +233,11 @@ class PatchIndex:
             want = dedup is True or (dedup == "auto" and machine != "ideal" and k <= dedup_max_k)
             if want:
                 index._try_dedup(fam, 1.0 if dedup is True else dedup_max_fraction)
+        plan_blocks = blocks is True or (blocks == "auto" and k <= blocks_max_k)
+        for i, fam in enumerate(families):
+            if plan_blocks and machine in ("els", "bbels") and fam.name == "interior":
+                centred, mu, log_mult = index._centred_candidates(fam, torch.float32)
+                index.block_plans[i] = BlockPlan.build(centred, mu, log_mult)
         return index
 
     def _unfold_family(
@@ -539,8 +552,82 @@ class PatchIndex:
         self._materialized = (key, out)
 
     def release(self) -> None:
-        """Drop the materialised candidates (see materialize)."""
+        """Drop the materialised candidates (see materialize) and candidate blocks."""
         self._materialized = None
+        self._blocks = None
+
+    # ----------------------------------------------------------------------------- blocks
+    def blocks_bytes(self, fam: Family, dtype: torch.dtype) -> int:
+        """Memory candidate_blocks(fam) keeps; building it needs about twice as much for a moment."""
+        n, C = self.images.shape[:2]
+        M = fam.unique.shape[1] if fam.unique is not None else n * fam.positions_per_image
+        return CandidateBlocks.nbytes(M, C * self.k * self.k, C, dtype)
+
+    def block_plan(self, fam: Family) -> BlockPlan | None:
+        """The family's BlockPlan, if the index was built with one."""
+        return self.block_plans.get(self.families.index(fam))
+
+    def _centred_candidates(self, fam: Family, dtype: torch.dtype):
+        """A one-group family's candidates in id order, explicit, for planning its blocks: (c - mu
+        [M, D] in dtype, mu [D] float64 (the multiplicity-weighted mean), log multiplicities [M]
+        float64 or None)."""
+        if fam.unique is not None:
+            cand = _codes_to_float(fam.unique[0], torch.float64)
+            log_mult = fam.unique_log_mult[0]
+            if bool((log_mult == float("-inf")).any()):
+                raise PatchIndexError("a one-group family has no padding candidates")
+            weight = torch.exp(log_mult)
+            mu = (cand * weight.unsqueeze(1)).sum(0) / weight.sum()
+            return (cand - mu).to(dtype), mu, log_mult
+        N, step = self.images.shape[0], 256
+
+        def unfold(i):
+            return self._unfold_family(fam, to_float(self.images[i : i + step], torch.float64))[0]
+
+        mu = sum(unfold(i).sum(0) for i in range(0, N, step)) / (N * fam.positions_per_image)
+        return torch.cat([(unfold(i) - mu).to(dtype) for i in range(0, N, step)]), mu, None
+
+    def candidate_blocks(
+        self, fam: Family, dtype: torch.dtype, device: torch.device | str
+    ) -> CandidateBlocks:
+        """The family's candidates in the blocks of its BlockPlan, explicit in dtype on device, built
+        on first use and kept (one family at a time) until release()."""
+        plan = self.block_plan(fam)
+        if plan is None:
+            raise PatchIndexError(
+                f"the {fam.name} family at k={self.k} has no block plan: build the index with "
+                "blocks=True"
+            )
+        device = torch.device(device)
+        key = (self.families.index(fam), dtype, device)
+        cached = getattr(self, "_blocks", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        self._blocks = None
+        C, k, d = self.images.shape[1], self.k, self.k // 2
+        centre = torch.arange(C, device=device) * k * k + d * k + d
+        if fam.unique is not None:
+            unique = fam.unique[0].to(device)
+
+            def rows(ids):
+                return _codes_to_float(unique[ids], torch.float64)
+
+            log_mult = fam.unique_log_mult[0]
+        else:
+            # the k x k patch centred on every pixel of every (padded) image: a view, no copy
+            images = F.pad(to_float(self.images.to(device), torch.float64), (d, d, d, d))
+            patches = images.unfold(2, k, 1).unfold(3, k, 1)  # [N, C, H, W, k, k]
+            S = fam.positions_per_image
+            cand_r, cand_c = fam.cand_rows[0].to(device), fam.cand_cols[0].to(device)
+
+            def rows(ids):
+                n, s = ids // S, ids % S
+                return patches[n, :, cand_r[s], cand_c[s]].reshape(ids.shape[0], -1)
+
+            log_mult = None
+        blocks = CandidateBlocks.from_plan(plan, rows, centre, log_mult, dtype, device)
+        self._blocks = (key, blocks)
+        return blocks
 
     def materialized(self, fam: Family):
         """(patches_t [G, D, M], centres_t [G, E + 1, M], sq_norms, log_mult, mu) of fam if
@@ -581,7 +668,14 @@ class PatchIndex:
             Family.from_tensors(f.name, {n: t.to(device) for n, t in f.tensors().items()})
             for f in self.families
         ]
-        return PatchIndex(self.machine, self.k, self.images.to(device), families, self.fingerprint)
+        return PatchIndex(
+            self.machine,
+            self.k,
+            self.images.to(device),
+            families,
+            self.fingerprint,
+            self.block_plans,
+        )
 
     def check(self, machine: str, k: int | None = None, images: torch.Tensor | None = None) -> None:
         """Refuse to use this index for another machine, patch size or training set."""
@@ -602,6 +696,9 @@ class PatchIndex:
         for i, fam in enumerate(self.families):
             for name, t in fam.tensors().items():
                 out[f"family{i}.{name}"] = t.cpu().contiguous()
+            if i in self.block_plans:
+                for name, t in self.block_plans[i].tensors().items():
+                    out[f"family{i}.plan.{name}"] = t.cpu().contiguous()
         return out
 
     @staticmethod
@@ -667,12 +764,21 @@ class PatchIndex:
             raise PatchIndexError(
                 f"patch index {path} is corrupt: its content checksum does not match"
             )
-        families = []
+        families, plans = [], {}
         for i, name in enumerate(json.loads(meta["families"])):
-            prefix = f"family{i}."
-            fields = {n[len(prefix) :]: t for n, t in tensors.items() if n.startswith(prefix)}
+            prefix, plan_prefix = f"family{i}.", f"family{i}.plan."
+            fields = {
+                n[len(prefix) :]: t
+                for n, t in tensors.items()
+                if n.startswith(prefix) and not n.startswith(plan_prefix)
+            }
             families.append(Family.from_tensors(name, fields))
-        index = cls(meta["machine"], int(meta["k"]), tensors["images"], families)
+            plan = {
+                n[len(plan_prefix) :]: t for n, t in tensors.items() if n.startswith(plan_prefix)
+            }
+            if plan:
+                plans[i] = BlockPlan.from_tensors(plan)
+        index = cls(meta["machine"], int(meta["k"]), tensors["images"], families, block_plans=plans)
         if index.fingerprint != meta["fingerprint"]:
             raise PatchIndexError(
                 f"patch index {path} is corrupt: its images do not match their fingerprint"

@@ -14,9 +14,13 @@ import torch.nn.functional as F
 
 from .index import MACHINES, PatchIndex, PatchIndexError, query_padding
 from .schedule import noise_scale, signal_scale
-from .softmax import Workspace, streaming_softmax_mean
+from .softmax import SoftmaxStats, Workspace, streaming_softmax_mean
 
 DEFAULT_MEMORY_BUDGET = 2 * 2**30  # bytes of chunk temporaries (logits, unfolded candidates)
+# steps with t at most this use certified pruning (els.blocks) for the one-group interior family
+# where the index has a block plan: there the softmax is sharp (FashionMNIST: 9-26% of the pairs
+# within 40 of the best logit at t <= 0.45); above, most pairs matter and dense chunks are faster
+PRUNE_BELOW_T = 0.5
 # logits per chunk: small enough to stay in cache between the product, the exp and the sums
 MAX_CHUNK_LOGITS = 2**21
 
@@ -86,6 +90,31 @@ def _images_per_block(index: PatchIndex, x: torch.Tensor, budget: int) -> int:
     return max(1, budget // worst)
 
 
+def _prunes(index: PatchIndex, fam, t: float, prune_below_t: float, dtype, budget: int) -> bool:
+    """Whether this family's softmax at t runs on candidate blocks (see PRUNE_BELOW_T)."""
+    return (
+        t <= prune_below_t
+        and index.machine in ("els", "bbels")
+        and index.block_plan(fam) is not None
+        and 2 * index.blocks_bytes(fam, dtype) <= budget
+    )
+
+
+def _pruned_softmax_mean(blocks, queries: torch.Tensor, *, a, b2, batch: int, with_stats: bool):
+    """CandidateBlocks.softmax_mean per image of the batch; queries [1, B*P, D] -> mean [1, B*P, E]
+    and stats as streaming_softmax_mean gives them."""
+    P = queries.shape[1] // batch
+    parts = [
+        blocks.softmax_mean(queries[0, i * P : (i + 1) * P], a=a, b2=b2, with_stats=with_stats)
+        for i in range(batch)
+    ]
+    mean = torch.cat([p[0] for p in parts]).unsqueeze(0)
+    if not with_stats:
+        return mean, None
+    fields = SoftmaxStats.__dataclass_fields__
+    return mean, SoftmaxStats(*(torch.cat([getattr(p[1], f) for p in parts], 1) for f in fields))
+
+
 def _group_major_to_batch(v: torch.Tensor, batch: int) -> torch.Tensor:
     G = v.shape[0]
     return v.view(G, batch, -1).permute(1, 0, 2).reshape(batch, -1)
@@ -98,8 +127,13 @@ def denoise(
     *,
     memory_budget: int | None = None,
     return_provenance: bool = False,
+    prune_below_t: float = PRUNE_BELOW_T,
 ):
-    """The machine's denoised image m(x, t) [B, C, H, W] (and Provenance if asked)."""
+    """The machine's denoised image m(x, t) [B, C, H, W] (and Provenance if asked).
+
+    prune_below_t: at t <= this, the interior family's softmax visits only the candidate blocks
+    whose weight can matter (els.blocks: exact up to float rounding; where the blocks fit half the
+    memory budget); 0 turns it off."""
     _check_time(t)
     if x.dim() != 4:
         raise ValueError(f"x must be [B, C, H, W], got shape {tuple(x.shape)}")
@@ -122,6 +156,7 @@ def denoise(
                 t,
                 memory_budget=budget,
                 return_provenance=return_provenance,
+                prune_below_t=prune_below_t,
             )
             for i in range(0, x.shape[0], block)
         ]
@@ -178,20 +213,30 @@ def denoise(
         queries = query_cols[:, :, pos].view(B, D, G, per_group).permute(2, 0, 3, 1)
         queries = queries.reshape(G, B * per_group, D)
         step = _chunk_candidates(index, G, per_group, D, C, dtype, budget, fam)
-        if index.computes_own_dots(fam):
-            chunks = index.dot_chunks(fam, queries, x, step)
+        if _prunes(index, fam, t, prune_below_t, dtype, budget):
+            mean, stats = _pruned_softmax_mean(
+                index.candidate_blocks(fam, dtype, device),
+                queries,
+                a=a,
+                b2=b2,
+                batch=B,
+                with_stats=return_provenance,
+            )
         else:
-            queries = _centred_queries(index, fam, queries, a)
-            chunks = index.chunks(fam, dtype, device, step, workspace)
-        mean, stats = streaming_softmax_mean(
-            queries,
-            chunks,
-            a=a,
-            b2=b2,
-            with_stats=return_provenance,
-            rows_per_image=per_group,
-            workspace=workspace,
-        )
+            if index.computes_own_dots(fam):
+                chunks = index.dot_chunks(fam, queries, x, step)
+            else:
+                queries = _centred_queries(index, fam, queries, a)
+                chunks = index.chunks(fam, dtype, device, step, workspace)
+            mean, stats = streaming_softmax_mean(
+                queries,
+                chunks,
+                a=a,
+                b2=b2,
+                with_stats=return_provenance,
+                rows_per_image=per_group,
+                workspace=workspace,
+            )
         # [G, B*P, C] -> [B, C, G*P], the order of pos
         m[:, :, pos] = mean.view(G, B, per_group, C).permute(1, 3, 0, 2).reshape(B, C, -1)
         if return_provenance:
@@ -231,8 +276,8 @@ def _index_for(kind: str, train: torch.Tensor | None, k: int | None, index: Patc
         raise ValueError("give the training images (train) or a prebuilt PatchIndex (index)")
     if kind != "ideal" and k is None:
         raise PatchIndexError(f"machine {kind!r} needs a patch size k")
-    # a one-off call: deduplication would cost more than it saves
-    return PatchIndex.build(train, kind, k, dedup=False)
+    # a one-off call: deduplication and block plans would cost more than they save
+    return PatchIndex.build(train, kind, k, dedup=False, blocks=False)
 
 
 def score(
