@@ -98,8 +98,10 @@ class BlockPlan:
         log_mult [M] (float64) or None."""
         M, D = centred.shape
         # top principal directions of the candidates, as the softmax weighs them (multiplicities)
-        w = torch.exp(log_mult).to(centred.dtype).unsqueeze(1) if log_mult is not None else 1.0
-        cov = (centred * w).t() @ centred
+        if log_mult is None:
+            cov = centred.t() @ centred
+        else:
+            cov = (centred * torch.exp(log_mult).to(centred.dtype).unsqueeze(1)).t() @ centred
         r = min(PRINCIPAL_COMPONENTS, D)
         basis = torch.linalg.eigh(cov.double())[1][:, -r:].contiguous()
         order, starts = _kd_leaves(centred @ basis.to(centred.dtype), leaf or LEAF_SIZE)
@@ -156,7 +158,7 @@ class CandidateBlocks:
 
     @staticmethod
     def nbytes(M: int, D: int, E: int, dtype: torch.dtype) -> int:
-        """Memory a CandidateBlocks keeps (building it needs about twice the candidate matrix)."""
+        """Memory a CandidateBlocks keeps (it is filled in place, slice by slice)."""
         elt = torch.finfo(dtype).bits // 8
         return M * (D + E + 3) * elt
 

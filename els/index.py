@@ -558,7 +558,7 @@ class PatchIndex:
 
     # ----------------------------------------------------------------------------- blocks
     def blocks_bytes(self, fam: Family, dtype: torch.dtype) -> int:
-        """Memory candidate_blocks(fam) keeps; building it needs about twice as much for a moment."""
+        """Memory candidate_blocks(fam) keeps."""
         n, C = self.images.shape[:2]
         M = fam.unique.shape[1] if fam.unique is not None else n * fam.positions_per_image
         return CandidateBlocks.nbytes(M, C * self.k * self.k, C, dtype)
@@ -584,8 +584,13 @@ class PatchIndex:
         def unfold(i):
             return self._unfold_family(fam, to_float(self.images[i : i + step], torch.float64))[0]
 
-        mu = sum(unfold(i).sum(0) for i in range(0, N, step)) / (N * fam.positions_per_image)
-        return torch.cat([(unfold(i) - mu).to(dtype) for i in range(0, N, step)]), mu, None
+        S = fam.positions_per_image
+        mu = sum(unfold(i).sum(0) for i in range(0, N, step)) / (N * S)
+        centred = torch.empty(N * S, mu.shape[0], dtype=dtype)
+        for i in range(0, N, step):  # filled in place: never a second full-size copy
+            part = unfold(i)
+            centred[i * S : i * S + part.shape[0]] = part - mu
+        return centred, mu, None
 
     def candidate_blocks(
         self, fam: Family, dtype: torch.dtype, device: torch.device | str

@@ -96,7 +96,7 @@ def _prunes(index: PatchIndex, fam, t: float, prune_below_t: float, dtype, budge
         t <= prune_below_t
         and index.machine in ("els", "bbels")
         and index.block_plan(fam) is not None
-        and 2 * index.blocks_bytes(fam, dtype) <= budget
+        and index.blocks_bytes(fam, dtype) <= budget // 2
     )
 
 
@@ -132,8 +132,8 @@ def denoise(
     """The machine's denoised image m(x, t) [B, C, H, W] (and Provenance if asked).
 
     prune_below_t: at t <= this, the interior family's softmax visits only the candidate blocks
-    whose weight can matter (els.blocks: exact up to float rounding; where the blocks fit half the
-    memory budget); 0 turns it off."""
+    whose weight can matter (els.blocks: exact up to float rounding; where the index has a block plan
+    and the explicit blocks fit in half the memory budget); 0 turns it off."""
     _check_time(t)
     if x.dim() != 4:
         raise ValueError(f"x must be [B, C, H, W], got shape {tuple(x.shape)}")
