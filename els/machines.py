@@ -90,10 +90,15 @@ def _images_per_block(index: PatchIndex, x: torch.Tensor, budget: int) -> int:
     return max(1, budget // worst)
 
 
-def _prunes(index: PatchIndex, fam, t: float, prune_below_t: float, dtype, budget: int) -> bool:
-    """Whether this family's softmax at t runs on candidate blocks (see PRUNE_BELOW_T)."""
+def _prunes(
+    index: PatchIndex, fam, t: float, prune_below_t: float, dtype, budget: int, device
+) -> bool:
+    """Whether this family's softmax at t runs on candidate blocks (see PRUNE_BELOW_T). CPU only:
+    the block loop decides per block which queries to visit, a host round-trip per block on a GPU
+    (where the dense chunks stay on the device)."""
     return (
         t <= prune_below_t
+        and torch.device(device).type == "cpu"
         and index.machine in ("els", "bbels")
         and index.block_plan(fam) is not None
         and index.blocks_bytes(fam, dtype) <= budget // 2
@@ -213,7 +218,7 @@ def denoise(
         queries = query_cols[:, :, pos].view(B, D, G, per_group).permute(2, 0, 3, 1)
         queries = queries.reshape(G, B * per_group, D)
         step = _chunk_candidates(index, G, per_group, D, C, dtype, budget, fam)
-        if _prunes(index, fam, t, prune_below_t, dtype, budget):
+        if _prunes(index, fam, t, prune_below_t, dtype, budget, device):
             mean, stats = _pruned_softmax_mean(
                 index.candidate_blocks(fam, dtype, device),
                 queries,
