@@ -32,6 +32,7 @@ from .softmax import EXP_FLOOR, SoftmaxStats
 PRINCIPAL_COMPONENTS = 16  # coordinates the k-d tree splits on
 LEAF_SIZE = 2048  # candidates per block (the tree splits at the median until a node is this small)
 EXTRA_MARGIN = 30.0  # margin = log M + this: the skipped weight is at most e^-30 of the total
+NO_ID = torch.iinfo(torch.long).max  # larger than any candidate id
 SLACK = 1e-6  # relative widening of radii and boxes: covers rounding the candidates to float32
 
 
@@ -287,13 +288,17 @@ class CandidateBlocks:
             chunk_max = logits.amax(1)
             new_max = torch.maximum(old, chunk_max)
             if with_stats:
+                # the dominant candidate; among exact ties (identical patches) the smallest id, as
+                # the dense path (which visits candidates in id order) reports it
                 single = logits if self.log_mult is None else logits - self.log_mult[s:e]
-                single_max, single_arg = single.max(1)
+                single_max = single.amax(1)
+                tied = single == single_max.unsqueeze(1)
+                first = torch.where(tied, ids[s:e].unsqueeze(0), NO_ID).amin(1)
                 old_best = best_logit if rows is None else best_logit.index_select(0, rows)
-                better = single_max > old_best
-                new_best = torch.where(better, single_max, old_best)
                 old_id = best_id if rows is None else best_id.index_select(0, rows)
-                new_id = torch.where(better, ids[s:e][single_arg], old_id)
+                better = (single_max > old_best) | ((single_max == old_best) & (first < old_id))
+                new_best = torch.where(better, single_max, old_best)
+                new_id = torch.where(better, first, old_id)
             weights = logits.sub_(new_max.unsqueeze(1)).clamp_(min=EXP_FLOOR).exp_()
             rescale = torch.exp(old - new_max)
             contrib = self.centres_t[:, s:e] @ weights.t()  # [E + 1, n]

@@ -58,6 +58,23 @@ def test_pruned_softmax_matches_loop_and_dense(small_leaves, kind, eight_bit, k,
     assert visited[0] < 0.9, f"hardly any pruning at t=0.05: visited {visited}"
 
 
+def test_pruned_provenance_on_ties_reports_an_identical_patch(small_leaves):
+    # two grey levels on a mostly flat background, no deduplication: many tied candidates. Both
+    # paths must report, per pixel, a patch identical to the other's (the one the weight belongs to)
+    train = random_8bit_images(6, 1, 9, 9, seed=4, levels=2, background=0.9)
+    index = els.PatchIndex.build(train, "bbels", 3, dedup=False)
+    padded = torch.nn.functional.pad(to_float(train, torch.float64), (1, 1, 1, 1))
+    patches = padded.unfold(2, 3, 1).unfold(3, 3, 1)  # [N, C, H, W, 3, 3]: centred on (r, c)
+    for t in (0.05, 0.3):
+        x = noisy(train, t, seed=5)
+        _, prov = els.denoise(index, x, t, return_provenance=True, prune_below_t=1.0)
+        _, dense = els.denoise(index, x, t, return_provenance=True, prune_below_t=0)
+        torch.testing.assert_close(prov.weight, dense.weight)
+        got = patches[prov.image, :, prov.row, prov.col]
+        want = patches[dense.image, :, dense.row, dense.col]
+        assert torch.equal(got, want), t
+
+
 def test_bounds_hold_for_every_candidate(small_leaves):
     train = random_8bit_images(5, 1, 10, 10, seed=3)
     index = els.PatchIndex.build(train, "bbels", 5, dedup=True)
