@@ -15,7 +15,8 @@ most e^-30 = 1e-13 of it: below float32's and float64's resolution). The result 
 up to float rounding; it is not an approximation.
 
 Blocks come from a k-d tree on the candidates' top principal components (median splits along the
-widest coordinate), built once per index and family (CandidateBlocks.build) and reused while its
+widest coordinate), planned once per index and family (BlockPlan.build, saved in the index); the
+explicit candidates (CandidateBlocks.from_plan) are built per sampling run and reused while its
 steps run. Candidates are stored explicitly, centred on their mean (as PatchIndex.materialize does:
 small logits, little float32 cancellation), in block order.
 """
@@ -27,12 +28,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .softmax import EXP_FLOOR, SoftmaxStats
+from .softmax import RunningSoftmax, SoftmaxStats
 
 PRINCIPAL_COMPONENTS = 16  # coordinates the k-d tree splits on
 LEAF_SIZE = 2048  # candidates per block (the tree splits at the median until a node is this small)
 EXTRA_MARGIN = 30.0  # margin = log M + this: the skipped weight is at most e^-30 of the total
-NO_ID = torch.iinfo(torch.long).max  # larger than any candidate id
 SLACK = 1e-6  # relative widening of radii and boxes: covers rounding the candidates to float32
 
 
@@ -268,12 +268,7 @@ class CandidateBlocks:
         keep = ub >= (seed - margin).unsqueeze(1)  # [P, nb]
 
         E = self.centres_t.shape[0] - 1
-        run_max = torch.full((P,), float("-inf"), dtype=dtype, device=device)
-        acc = torch.zeros(E + 1, P, dtype=dtype, device=device)
-        if with_stats:
-            best_logit = torch.full((P,), float("-inf"), dtype=dtype, device=device)
-            best_id = torch.zeros(P, dtype=torch.long, device=device)
-            sq = torch.zeros(P, dtype=dtype, device=device)
+        state = RunningSoftmax.start(1, P, E, dtype, device, with_stats)
         visited = 0
         for j in range(nb):
             col = keep[:, j]
@@ -283,52 +278,14 @@ class CandidateBlocks:
             rows = None if n_rows == P else col.nonzero().squeeze(1)
             s, e = starts[j], starts[j + 1]
             visited += n_rows * (e - s)
-            logits = logits_of(j, rows)  # [n, m]
-            old = run_max if rows is None else run_max.index_select(0, rows)
-            chunk_max = logits.amax(1)
-            new_max = torch.maximum(old, chunk_max)
-            if with_stats:
-                # the dominant candidate; among exact ties (identical patches) the smallest id, as
-                # the dense path (which visits candidates in id order) reports it
-                single = logits if self.log_mult is None else logits - self.log_mult[s:e]
-                single_max = single.amax(1)
-                tied = single == single_max.unsqueeze(1)
-                first = torch.where(tied, ids[s:e].unsqueeze(0), NO_ID).amin(1)
-                old_best = best_logit if rows is None else best_logit.index_select(0, rows)
-                old_id = best_id if rows is None else best_id.index_select(0, rows)
-                better = (single_max > old_best) | ((single_max == old_best) & (first < old_id))
-                new_best = torch.where(better, single_max, old_best)
-                new_id = torch.where(better, first, old_id)
-            weights = logits.sub_(new_max.unsqueeze(1)).clamp_(min=EXP_FLOOR).exp_()
-            rescale = torch.exp(old - new_max)
-            contrib = self.centres_t[:, s:e] @ weights.t()  # [E + 1, n]
-            old_acc = acc if rows is None else acc.index_select(1, rows)
-            new_acc = old_acc * rescale + contrib
-            if with_stats:
-                w2 = weights.square()
-                if self.log_mult is not None:
-                    w2 = w2 * torch.exp(-self.log_mult[s:e])
-                old_sq = sq if rows is None else sq.index_select(0, rows)
-                new_sq = old_sq * rescale * rescale + w2.sum(1)
-            if rows is None:
-                run_max, acc = new_max, new_acc
-                if with_stats:
-                    best_logit, best_id, sq = new_best, new_id, new_sq
-            else:
-                run_max.index_copy_(0, rows, new_max)
-                acc.index_copy_(1, rows, new_acc)
-                if with_stats:
-                    best_logit.index_copy_(0, rows, new_best)
-                    best_id.index_copy_(0, rows, new_id)
-                    sq.index_copy_(0, rows, new_sq)
-        run_sum = acc[-1]
-        mean = (acc[:-1] / run_sum).t()
-        fraction = visited / (P * self.count)
-        if not with_stats:
-            return mean, None, fraction
-        stats = SoftmaxStats(
-            best_id=best_id.unsqueeze(0),
-            best_weight=(torch.exp(best_logit - run_max) / run_sum).unsqueeze(0),
-            n_eff=(run_sum.square() / sq).unsqueeze(0),
-        )
-        return mean, stats, fraction
+            part = state if rows is None else state.rows(rows)
+            part.fold(
+                logits_of(j, rows).unsqueeze(0),
+                self.centres_t[None, :, s:e],
+                None if self.log_mult is None else self.log_mult[None, s:e],
+                ids[s:e],
+            )
+            if rows is not None:
+                state.put(rows, part)
+        mean, stats = state.result()
+        return mean[0], stats, visited / (P * self.count)

@@ -81,39 +81,69 @@ class SoftmaxStats:
     n_eff: torch.Tensor  # 1 / sum w^2, [G, P]
 
 
-class _QueryBlock:
-    """The running softmax state of one block of queries [G, P, D] (one image of a batch): running
-    max, running weighted sum of centres and normaliser, and the provenance statistics."""
+NO_ID = torch.iinfo(torch.long).max  # larger than any candidate id
 
-    def __init__(self, queries: torch.Tensor, with_stats: bool, workspace: Workspace):
-        G, P, _ = queries.shape
-        dtype, device = queries.dtype, queries.device
-        self.queries, self.with_stats, self.workspace = queries, with_stats, workspace
-        self.run_max = torch.full((G, P), float("-inf"), dtype=dtype, device=device)
-        self.acc = None  # [G, E + 1, P]: weighted sums of centres, then the sum of weights
+
+@dataclass
+class RunningSoftmax:
+    """The running state of a streaming softmax for queries [G, P]: running max, the weighted sums of
+    centres with the normaliser below them acc [G, E + 1, P], and, for provenance, the dominant
+    candidate's logit and id and the running sum of squared weights (None without stats)."""
+
+    run_max: torch.Tensor
+    acc: torch.Tensor
+    best_logit: torch.Tensor | None = None
+    best_id: torch.Tensor | None = None
+    sq: torch.Tensor | None = None
+
+    @classmethod
+    def start(cls, G: int, P: int, E: int, dtype, device, with_stats: bool) -> RunningSoftmax:
+        state = cls(
+            torch.full((G, P), float("-inf"), dtype=dtype, device=device),
+            torch.zeros((G, E + 1, P), dtype=dtype, device=device),
+        )
         if with_stats:
-            self.sq = torch.zeros((G, P), dtype=dtype, device=device)
-            self.best_logit = torch.full((G, P), float("-inf"), dtype=dtype, device=device)
-            self.best_id = torch.zeros((G, P), dtype=torch.long, device=device)
+            state.best_logit = torch.full((G, P), float("-inf"), dtype=dtype, device=device)
+            state.best_id = torch.zeros((G, P), dtype=torch.long, device=device)
+            state.sq = torch.zeros((G, P), dtype=dtype, device=device)
+        return state
 
-    def update(self, chunk: CandidateChunk, bias: torch.Tensor, alpha: float, dots) -> None:
-        # logits [G, P, M] = alpha * q.c + bias, in one batched GEMM
-        G, P, _ = self.queries.shape
-        out = self.workspace.take("logits", (G, P, bias.shape[1]), bias.dtype, bias.device)
-        if dots is not None:
-            logits = torch.add(bias.unsqueeze(1), dots, alpha=alpha, out=out)
-        else:
-            logits = torch.baddbmm(
-                bias.unsqueeze(1), self.queries, chunk.patches_t, alpha=alpha, out=out
+    def rows(self, idx: torch.Tensor) -> RunningSoftmax:
+        """The state of the queries idx (a copy)."""
+        return RunningSoftmax(
+            *(
+                None if v is None else v.index_select(2 if n == "acc" else 1, idx)
+                for n, v in vars(self).items()
             )
-        if self.with_stats:
-            # the dominant candidate is a single training patch: compare logits without multiplicity
-            single = logits if chunk.log_mult is None else logits - chunk.log_mult.unsqueeze(1)
-            single_max, single_arg = single.max(dim=2)
-            chunk_max = single_max if chunk.log_mult is None else logits.amax(dim=2)
-            better = single_max > self.best_logit  # strict: ties keep the earliest candidate
+        )
+
+    def put(self, idx: torch.Tensor, part: RunningSoftmax) -> None:
+        """Write back the state of the queries idx (see rows)."""
+        for n, v in vars(self).items():
+            if v is not None:
+                v.index_copy_(2 if n == "acc" else 1, idx, getattr(part, n))
+
+    def fold(
+        self,
+        logits: torch.Tensor,
+        centres_t: torch.Tensor,
+        log_mult: torch.Tensor | None,
+        ids: torch.Tensor | None,
+    ) -> None:
+        """Fold one chunk in: logits [G, P, M] (overwritten), centres_t [G, E + 1, M], log
+        multiplicities [G, M] or None, the candidates' ids [M] (needed with stats)."""
+        if self.best_logit is not None:
+            # the dominant candidate is a single training patch: compare logits without
+            # multiplicity; among exact ties the smallest id (the first occurrence)
+            single = logits if log_mult is None else logits - log_mult.unsqueeze(1)
+            single_max = single.amax(dim=2)
+            chunk_max = single_max if log_mult is None else logits.amax(dim=2)
+            first = torch.where(single == single_max.unsqueeze(2), ids, NO_ID).amin(dim=2)
+            better = (single_max > self.best_logit) | (
+                (single_max == self.best_logit) & (first < self.best_id)
+            )
             self.best_logit = torch.where(better, single_max, self.best_logit)
-            self.best_id = torch.where(better, single_arg + chunk.first_id, self.best_id)
+            self.best_id = torch.where(better, first, self.best_id)
         else:
             chunk_max = logits.amax(dim=2)
         new_max = torch.maximum(self.run_max, chunk_max)
@@ -123,27 +153,55 @@ class _QueryBlock:
         rescale = torch.exp(self.run_max - safe_max)
         # [G, E + 1, M] x [G, M, P]: with the candidates as the long inner dimension this product is
         # several times faster than weights [G, P, M] x [G, M, E + 1] (a narrow, memory-bound one)
-        contrib = torch.bmm(chunk.centres_t, weights.transpose(1, 2))
-        self.acc = contrib if self.acc is None else self.acc * rescale.unsqueeze(1) + contrib
-        if self.with_stats:
+        contrib = torch.bmm(centres_t, weights.transpose(1, 2))
+        self.acc = self.acc * rescale.unsqueeze(1) + contrib
+        if self.sq is not None:
             # sum of squared weights over individual candidates: a group of n copies adds n w^2
             sq = weights.square()
-            if chunk.log_mult is not None:
-                inv_mult = torch.exp(-chunk.log_mult).nan_to_num(posinf=0.0)  # padding: 0
+            if log_mult is not None:
+                inv_mult = torch.exp(-log_mult).nan_to_num(posinf=0.0)  # padding: 0
                 sq = sq * inv_mult.unsqueeze(1)
             self.sq = self.sq * rescale * rescale + sq.sum(dim=2)
         self.run_max = new_max
 
     def result(self) -> tuple[torch.Tensor, SoftmaxStats | None]:
+        """mean [G, P, E] and, with stats, SoftmaxStats."""
         run_sum = self.acc[:, -1]
         mean = (self.acc[:, :-1] / run_sum.unsqueeze(1)).transpose(1, 2)
-        if not self.with_stats:
+        if self.best_logit is None:
             return mean, None
         return mean, SoftmaxStats(
             best_id=self.best_id,
             best_weight=torch.exp(self.best_logit - self.run_max) / run_sum,
             n_eff=run_sum.square() / self.sq,
         )
+
+
+class _QueryBlock:
+    """One block of queries [G, P, D] (one image of a batch) and its RunningSoftmax."""
+
+    def __init__(self, queries: torch.Tensor, with_stats: bool, workspace: Workspace):
+        self.queries, self.with_stats, self.workspace = queries, with_stats, workspace
+        self.state: RunningSoftmax | None = None  # started at the first chunk (E is known then)
+
+    def update(self, chunk: CandidateChunk, bias: torch.Tensor, alpha: float, dots) -> None:
+        # logits [G, P, M] = alpha * q.c + bias, in one batched GEMM
+        G, P, _ = self.queries.shape
+        M = bias.shape[1]
+        out = self.workspace.take("logits", (G, P, M), bias.dtype, bias.device)
+        if dots is not None:
+            logits = torch.add(bias.unsqueeze(1), dots, alpha=alpha, out=out)
+        else:
+            logits = torch.baddbmm(
+                bias.unsqueeze(1), self.queries, chunk.patches_t, alpha=alpha, out=out
+            )
+        if self.state is None:
+            E = chunk.centres_t.shape[1] - 1
+            self.state = RunningSoftmax.start(G, P, E, bias.dtype, bias.device, self.with_stats)
+        ids = None
+        if self.with_stats:
+            ids = torch.arange(chunk.first_id, chunk.first_id + M, device=bias.device)
+        self.state.fold(logits, chunk.centres_t, chunk.log_mult, ids)
 
 
 def streaming_softmax_mean(
@@ -185,7 +243,7 @@ def streaming_softmax_mean(
             block.update(chunk, bias, alpha, dots)
     if empty:
         raise ValueError("no candidates: the candidate set of a query group is empty")
-    results = [block.result() for block in blocks]
+    results = [block.state.result() for block in blocks]
     mean = torch.cat([m for m, _ in results], dim=1)
     stats = None
     if with_stats:
