@@ -40,14 +40,15 @@ def _softmax_over_batches(train, dtype, filters, q_sq, a, b2, slab_of, centres_o
     centres_of(imgs) -> centre values [n, C, h, w] of those candidates.
     """
     C, k = filters.shape[1], filters.shape[-1]
-    ones = torch.ones(1, C, k, k, dtype=dtype)
+    dev = filters.device  # the training images are moved there batch by batch
+    ones = torch.ones(1, C, k, k, dtype=dtype, device=dev)
     Q = filters.shape[0]
-    run_max = torch.full((Q,), float("-inf"), dtype=dtype)
-    run_sum = torch.zeros(Q, dtype=dtype)
-    run_acc = torch.zeros(Q, C, dtype=dtype)
+    run_max = torch.full((Q,), float("-inf"), dtype=dtype, device=dev)
+    run_sum = torch.zeros(Q, dtype=dtype, device=dev)
+    run_acc = torch.zeros(Q, C, dtype=dtype, device=dev)
     d = k // 2
     for i in range(0, train.shape[0], BATCH_IMAGES):
-        imgs = _to_float(train[i : i + BATCH_IMAGES], dtype)
+        imgs = _to_float(train[i : i + BATCH_IMAGES].to(dev), dtype)
         padded = F.pad(imgs, (d, d, d, d))
         slab = slab_of(imgs, padded)
         dots = F.conv2d(slab, filters)  # [n, Q, h, w]

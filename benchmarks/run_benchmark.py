@@ -4,6 +4,7 @@ cores may be shared). See benchmarks/README.md.
 
     .venv/bin/python benchmarks/run_benchmark.py            # full: FashionMNIST class 3, N = 6000
     .venv/bin/python benchmarks/run_benchmark.py --quick    # smoke version: N = 200, 2 samples for r^2
+    python3 benchmarks/run_benchmark.py --device cuda       # everything on a GPU (benchmarks/gpu_run.sh)
 
 Writes results/benchmarks/<name>_evals.csv, _samples.csv, _r2.csv (rows appended as they finish).
 """
@@ -56,12 +57,24 @@ class PeakRSS:
         self.peak = max(self.peak, self._rss())
 
 
+DEVICE = torch.device("cpu")  # set by --device
+
+
 def timed(fn):
+    """fn's result, wall seconds and peak memory in GB: resident memory of this process on a CPU, the
+    GPU memory allocated by torch on a GPU (device work is waited for before the clock stops)."""
+    gpu = DEVICE.type == "cuda"
+    if gpu:
+        torch.cuda.synchronize(DEVICE)
+        torch.cuda.reset_peak_memory_stats(DEVICE)
     with PeakRSS() as mem:
         t0 = time.perf_counter()
         out = fn()
+        if gpu:
+            torch.cuda.synchronize(DEVICE)
         dt = time.perf_counter() - t0
-    return out, dt, mem.peak / 2**30
+    peak = torch.cuda.max_memory_allocated(DEVICE) if gpu else mem.peak
+    return out, dt, peak / 2**30
 
 
 class Writer:
@@ -163,6 +176,12 @@ def main(argv=None):
     )
     p.add_argument("--fast-exact-below", type=float, default=0.0)
     p.add_argument("--memory-budget-gb", type=float, default=8.0)
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu or cuda: where every mode (the baseline included) runs; indexes are built on the "
+        "CPU as the pipeline builds them, without block plans on a GPU (pruning is CPU-only)",
+    )
     p.add_argument("--out", default="results/benchmarks")
     p.add_argument("--name", default=None)
     args = p.parse_args(argv)
@@ -178,19 +197,36 @@ def main(argv=None):
     base8_ks = {int(k) for k in args.baseline_batch8_ks.split(",") if k}
     fractions = [float(f) for f in (args.r2_fractions or str(args.fast_fraction)).split(",")]
     torch.set_grad_enabled(False)
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    gpu = DEVICE.type == "cuda"
+    plans = "auto" if not gpu else False  # block plans serve CPU pruning only
+    if gpu:
+        # the yardstick in IEEE float32 too (cuDNN's convolutions default to TF32, ~1e-3 relative)
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
 
     train, _ = load_prepared(args.data, cls=args.cls)
     if args.n_train:
         train = train[: args.n_train]
     N = train.shape[0]
+    train_dev = train.to(DEVICE)  # the baseline reads its training images where it runs
     load = os.getloadavg()
+    where = torch.cuda.get_device_name(DEVICE) if gpu else f"cpus {sorted(os.sched_getaffinity(0))}"
     print(
         f"# {name}: FashionMNIST class {args.cls}, N={N}, torch {torch.__version__}, "
-        f"threads {torch.get_num_threads()}, cpus {sorted(os.sched_getaffinity(0))}, "
+        f"device {DEVICE} ({where}), threads {torch.get_num_threads()}, "
         f"load {load[0]:.2f}, budget {args.memory_budget_gb} GB",
         flush=True,
     )
     n = len(FASHION_RESNET)
+    if gpu:
+        # CUDA context, cuBLAS/cuDNN handles and kernels' first loads stay out of the timings
+        warm = els.index.to_float(train[:2], torch.float32).to(DEVICE)
+        for k in (3, 5):
+            baseline_denoise(warm, 0.5, train_dev[:64], k)
+            els.denoise(els.PatchIndex.build(train[:64], "bbels", k).to(DEVICE), warm, 0.5)
+        torch.cuda.synchronize(DEVICE)
 
     # ------------------------------------------------------------------ per score evaluation
     if args.evals:
@@ -217,23 +253,28 @@ def main(argv=None):
             )  # the step using k at largest t
             t = i / n
             a, b = signal_scale(t), noise_scale(t)
-            index, build_s, _ = timed(lambda k=k: els.PatchIndex.build(train, "bbels", k))
+            index, build_s, _ = timed(
+                lambda k=k: els.PatchIndex.build(train, "bbels", k, blocks=plans)
+            )
             fast_n = max(1, math.ceil(args.fast_fraction * N))
             subset = torch.randperm(N, generator=torch.Generator().manual_seed(0))[:fast_n]
             subset = subset.sort().values  # the subset els.sample(mode='fast') uses (fast_seed=0)
             fast_index, fast_build_s, _ = timed(
                 lambda k=k, s=subset: els.PatchIndex.build(train[s], "bbels", k, blocks=False)
             )
+            index, fast_index = index.to(DEVICE), fast_index.to(DEVICE)
             base_per_image = None  # the baseline's batch-1 seconds per image, for batches it skips
             for B in batches:
                 g = torch.Generator().manual_seed(100 + B)
                 clean = els.index.to_float(
                     train[torch.randint(N, (B,), generator=g)], torch.float32
                 )
-                x = a * clean + b * torch.randn(clean.shape, generator=g)
+                x = (a * clean + b * torch.randn(clean.shape, generator=g)).to(DEVICE)
                 mb, base_b = None, B
                 if B == 1 or k in base8_ks or base_per_image is None:
-                    mb, tb, mem_b = timed(lambda x=x, t=t, k=k: baseline_denoise(x, t, train, k))
+                    mb, tb, mem_b = timed(
+                        lambda x=x, t=t, k=k: baseline_denoise(x, t, train_dev, k)
+                    )
                     base_per_image = tb / B if B == 1 else base_per_image
                     ev.row(
                         k=k,
@@ -293,7 +334,9 @@ def main(argv=None):
                 "load1",
             ],
         )
-        indexes, build_s, _ = timed(lambda: els.build_indexes("bbels", train, FASHION_RESNET))
+        indexes, build_s, _ = timed(
+            lambda: els.build_indexes("bbels", train, FASHION_RESNET, blocks=plans)
+        )
         print(f"# index build for k={sorted(indexes)}: {build_s:.1f} s", flush=True)
         fast_n = max(1, math.ceil(args.fast_fraction * N))
         subset = torch.randperm(N, generator=torch.Generator().manual_seed(0))[:fast_n]
@@ -301,11 +344,13 @@ def main(argv=None):
         fast_indexes, fast_build_s, _ = timed(
             lambda: els.build_indexes("bbels", train[subset], FASHION_RESNET, blocks=False)
         )
+        indexes = {k: v.to(DEVICE) for k, v in indexes.items()}
+        fast_indexes = {k: v.to(DEVICE) for k, v in fast_indexes.items()}
         fast_or_exact = {
             k: (fast_indexes[k], indexes[k]) for k in indexes
         }  # (t >= fast_exact_below, below)
         denoisers = {
-            "baseline": lambda x, t, k: baseline_denoise(x, t, train, k),
+            "baseline": lambda x, t, k: baseline_denoise(x, t, train_dev, k),
             "exact": one_index_at_a_time(lambda t, k: indexes[k], budget),
             "fast": one_index_at_a_time(
                 lambda t, k: fast_or_exact[k][0 if t >= args.fast_exact_below else 1], budget
@@ -314,6 +359,7 @@ def main(argv=None):
         builds = {"baseline": "", "exact": build_s, "fast": fast_build_s}
         for B in batches:
             noise = torch.randn(B, 1, 32, 32, generator=torch.Generator().manual_seed(B))
+            noise = noise.to(DEVICE)
             modes = ["exact", "fast"]
             if B == 1 or args.baseline_batch8_sample:
                 modes.insert(0, "baseline")
@@ -329,7 +375,9 @@ def main(argv=None):
                     memory_budget=budget,
                     disable=True,
                 )
-                assert torch.equal(check, final["exact"]), "lockstep exact != els.sample"
+                same = torch.equal(check, final["exact"])
+                print(f"# lockstep exact == els.sample bit for bit: {same}", flush=True)
+                assert same or gpu, "lockstep exact != els.sample"
             exact = final["exact"]
             base = final.get("baseline")
             for mode in modes:
@@ -378,8 +426,8 @@ def main(argv=None):
                 tr = tr[: args.n_train]
             noise = torch.randn(
                 args.r2_seeds, 1, 32, 32, generator=torch.Generator().manual_seed(1000 + c)
-            )
-            idx = els.build_indexes("bbels", tr, FASHION_RESNET)
+            ).to(DEVICE)
+            idx = els.build_indexes("bbels", tr, FASHION_RESNET, blocks=plans)
             run = lambda tr=tr, noise=noise, idx=idx, **opts: els.sample(  # noqa: E731
                 "bbels",
                 tr,

@@ -89,7 +89,9 @@ def sample(
     if missing:
         if train is None:
             raise PatchIndexError(f"no index given for k={missing} and no training images")
-        indexes.update({k: PatchIndex.build(train, kind, k) for k in missing})
+        # block plans serve the CPU's certified pruning only (see els.machines._prunes)
+        plans = "auto" if device.type == "cpu" else False
+        indexes.update({k: PatchIndex.build(train, kind, k, blocks=plans) for k in missing})
     on_device = {k: indexes[k].to(device) for k in needed}
     for k in needed:
         on_device[k].check(kind, k)

@@ -223,7 +223,9 @@ class PatchIndex:
             raise PatchIndexError("the training set is empty: a machine needs at least one image")
         if not (images.dtype == torch.uint8 or images.is_floating_point()):
             raise PatchIndexError(f"training images must be uint8 or float, got {images.dtype}")
-        images = images.detach().contiguous()
+        # built on the CPU whatever the images' device (as the pipeline's index stage does); move the
+        # index with .to(device) for sampling
+        images = images.detach().cpu().contiguous()
         H, W = images.shape[-2:]
         k = 0 if machine == "ideal" else k
         families = machine_families(machine, k, H, W)
@@ -433,6 +435,9 @@ class PatchIndex:
             # from 2-D prefix sums in float64 (their cancellation would cost float32 digits)
             xp = F.pad(x.double(), (d, d, d, d))
             r, c = rows[:, 0], cols[:, 0]
+        elif fam.name in ("rows", "cols"):
+            # the edge row (column) of each group, as ints once: no device sync per chunk
+            edge_lines = (fam.cand_rows if fam.name == "rows" else fam.cand_cols)[:, 0].tolist()
         for i0 in range(0, self.images.shape[0], step):
             imgs = to_float(self.images[i0 : i0 + step].to(device), dtype)
             n = imgs.shape[0]
@@ -444,14 +449,14 @@ class PatchIndex:
                 # strips of the k padded rows around each edge row, only as wide as the candidates
                 # reach (their centres are the interior columns): [n, G*C, k, W]
                 H, W = imgs.shape[-2:]
-                strips = [padded[:, :, r : r + k, d : d + W] for r in fam.cand_rows[:, 0]]
+                strips = [padded[:, :, r : r + k, d : d + W] for r in edge_lines]
                 strips = torch.cat(strips, 1)
             else:
                 # cols: the same strips around each edge column, transposed so that the convolution
                 # runs along the strip's length as for rows (twice as fast as a k-wide, H-tall
                 # strip): [n, G*C, k, H]
                 H, W = imgs.shape[-2:]
-                strips = [padded[:, :, d : d + H, c : c + k] for c in fam.cand_cols[:, 0]]
+                strips = [padded[:, :, d : d + H, c : c + k] for c in edge_lines]
                 strips = torch.cat(strips, 1).transpose(2, 3).contiguous()
             per_image = []
             for b in range(B):

@@ -7,6 +7,7 @@ for which pixel is the machine's PatchIndex; the arithmetic is els.softmax.strea
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +22,8 @@ DEFAULT_MEMORY_BUDGET = 2 * 2**30  # bytes of chunk temporaries (logits, unfolde
 # where the index has a block plan: there the softmax is sharp (FashionMNIST: 9-26% of the pairs
 # within 40 of the best logit at t <= 0.45); above, most pairs matter and dense chunks are faster
 PRUNE_BELOW_T = 0.5
-# logits per chunk: small enough to stay in cache between the product, the exp and the sums
+# logits per chunk on a CPU: small enough to stay in cache between the product, the exp and the sums
+# (on a GPU only the memory budget bounds a chunk: fewer, larger kernels)
 MAX_CHUNK_LOGITS = 2**21
 
 
@@ -60,16 +62,20 @@ def _chunk_candidates(
     dtype,
     budget: int,
     fam=None,
+    device=None,
 ) -> int:
-    """Candidates per group per chunk from the memory budget and a cache-sized logits block, for the
-    queries of ONE image: chunks never depend on the batch size, so batching seeds cannot change a
-    seed's float rounding (denoise splits a batch whose logits would not fit the budget instead)."""
+    """Candidates per group per chunk from the memory budget and (on a CPU) a cache-sized logits
+    block, for the queries of ONE image: chunks never depend on the batch size, so batching seeds
+    cannot change a seed's float rounding (denoise splits a batch whose logits would not fit the
+    budget instead)."""
     elt = torch.finfo(dtype).bits // 8
     if fam is not None and index.materialized(fam) is not None:
         dim = 0  # chunks are views of the materialised candidates: only logits and weights
     # per candidate and group: unfolded patch (twice: unfold then gather), logits and weights, centres
     per_candidate = elt * groups * (2 * dim + 2 * queries + centre)
     by_budget = max(1, budget // per_candidate)
+    if device is not None and torch.device(device).type != "cpu":
+        return by_budget
     by_cache = max(1, MAX_CHUNK_LOGITS // max(1, groups * queries))
     # the implicit chunks hold whole images: never fewer candidates than one image's positions
     return max(min(by_budget, by_cache), 1)
@@ -85,7 +91,7 @@ def _images_per_block(index: PatchIndex, x: torch.Tensor, budget: int) -> int:
         G, per_group = (1, 1) if index.machine == "ideal" else fam.query_pos.shape
         D = C * H * W if index.machine == "ideal" else C * index.k * index.k
         E = D if index.machine == "ideal" else C
-        step = _chunk_candidates(index, G, per_group, D, E, x.dtype, budget, fam)
+        step = _chunk_candidates(index, G, per_group, D, E, x.dtype, budget, fam, x.device)
         worst = max(worst, 2 * elt * G * per_group * max(step, fam.positions_per_image))
     return max(1, budget // worst)
 
@@ -125,6 +131,30 @@ def _group_major_to_batch(v: torch.Tensor, batch: int) -> torch.Tensor:
     return v.view(G, batch, -1).permute(1, 0, 2).reshape(batch, -1)
 
 
+@contextlib.contextmanager
+def full_float32(device):
+    """IEEE float32 in the GPU's matrix products and convolutions while the block runs. cuDNN
+    convolutions default to TF32 (10 mantissa bits; products too after
+    torch.set_float32_matmul_precision('high')): measured 7e-4 relative error on a float32 sample,
+    where the CPU's float32 gives 1e-6. cuDNN is also held to deterministic algorithms, so that
+    reruns give identical files. Restores the caller's settings; nothing changes on a CPU."""
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    matmul = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.backends.cudnn.flags(
+            enabled=torch.backends.cudnn.enabled,
+            benchmark=False,
+            deterministic=True,
+            allow_tf32=False,
+        ):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+
+
 def denoise(
     index: PatchIndex,
     x: torch.Tensor,
@@ -138,7 +168,28 @@ def denoise(
 
     prune_below_t: at t <= this, the interior family's softmax visits only the candidate blocks
     whose weight can matter (els.blocks: exact up to float rounding; where the index has a block plan
-    and the explicit blocks fit in half the memory budget); 0 turns it off."""
+    and the explicit blocks fit in half the memory budget); 0 turns it off.
+    On a GPU the arithmetic is IEEE float32 (or float64), never TF32 (see full_float32)."""
+    with full_float32(x.device):
+        return _denoise(
+            index,
+            x,
+            t,
+            memory_budget=memory_budget,
+            return_provenance=return_provenance,
+            prune_below_t=prune_below_t,
+        )
+
+
+def _denoise(
+    index: PatchIndex,
+    x: torch.Tensor,
+    t: float,
+    *,
+    memory_budget: int | None,
+    return_provenance: bool,
+    prune_below_t: float,
+):
     _check_time(t)
     if x.dim() != 4:
         raise ValueError(f"x must be [B, C, H, W], got shape {tuple(x.shape)}")
@@ -155,7 +206,7 @@ def denoise(
     block = _images_per_block(index, x, budget)
     if x.shape[0] > block:
         parts = [
-            denoise(
+            _denoise(
                 index,
                 x[i : i + block],
                 t,
@@ -179,7 +230,7 @@ def denoise(
     if index.machine == "ideal":
         fam = index.families[0]
         D = C * H * W
-        step = _chunk_candidates(index, 1, 1, D, D, dtype, budget, fam)
+        step = _chunk_candidates(index, 1, 1, D, D, dtype, budget, fam, device)
         workspace = Workspace()
         mean, stats = streaming_softmax_mean(
             _centred_queries(index, fam, x.reshape(1, B, D), a),
@@ -217,7 +268,7 @@ def denoise(
         pos = fam.query_pos.to(device).reshape(-1)
         queries = query_cols[:, :, pos].view(B, D, G, per_group).permute(2, 0, 3, 1)
         queries = queries.reshape(G, B * per_group, D)
-        step = _chunk_candidates(index, G, per_group, D, C, dtype, budget, fam)
+        step = _chunk_candidates(index, G, per_group, D, C, dtype, budget, fam, device)
         if _prunes(index, fam, t, prune_below_t, dtype, budget, device):
             mean, stats = _pruned_softmax_mean(
                 index.candidate_blocks(fam, dtype, device),

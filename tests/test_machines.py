@@ -228,3 +228,21 @@ def test_bad_inputs_are_named():
         els.score("ls", x, 1.0, train, 3)
     with pytest.raises(ValueError, match="image shape"):
         els.score("ls", random_images(1, 1, 9, 9), 0.5, train, 3)
+
+
+def test_full_float32_sets_and_restores_the_gpu_precision_flags():
+    from els.machines import full_float32
+
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        with full_float32("cuda"):  # only flags: runs without a GPU
+            assert not torch.backends.cuda.matmul.allow_tf32
+            assert not torch.backends.cudnn.allow_tf32
+            assert torch.backends.cudnn.deterministic
+        assert torch.backends.cuda.matmul.allow_tf32
+        assert torch.backends.cudnn.allow_tf32 == before[1]
+        with full_float32("cpu"):  # nothing changes on a CPU
+            assert torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before[0]
