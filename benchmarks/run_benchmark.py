@@ -121,7 +121,7 @@ def lockstep_samples(noise: torch.Tensor, denoisers: dict):
     """The spec's reverse process (els.sampler.sample_reverse's steps) for several denoisers in
     lockstep: at every step each mode denoises its own x in turn, so that slow drifts in the load of a
     shared machine hit every mode alike. Returns the final images, the seconds spent in each mode's
-    denoiser (the step arithmetic is negligible) and each mode's peak resident memory (GB)."""
+    denoiser (the step arithmetic is negligible) and each peak memory (GB; see timed)."""
     n = len(FASHION_RESNET)
     xs = dict.fromkeys(denoisers, noise)
     seconds = dict.fromkeys(denoisers, 0.0)
@@ -242,7 +242,7 @@ def main(argv=None):
                 "ratio_to_baseline",
                 "baseline_batch",
                 "max_abs_diff_vs_baseline",
-                "peak_rss_gb",
+                "peak_memory_gb",
                 "build_s",
                 "load1",
             ],
@@ -286,7 +286,7 @@ def main(argv=None):
                         ratio_to_baseline=1.0,
                         baseline_batch=B,
                         max_abs_diff_vs_baseline=0.0,
-                        peak_rss_gb=mem_b,
+                        peak_memory_gb=mem_b,
                         load1=os.getloadavg()[0],
                     )
                 else:
@@ -310,7 +310,7 @@ def main(argv=None):
                         ratio_to_baseline=tb / dt,
                         baseline_batch=base_b,
                         max_abs_diff_vs_baseline=(m - mb).abs().max().item() if base_b == B else "",
-                        peak_rss_gb=mem,
+                        peak_memory_gb=mem,
                         build_s=bs,
                         load1=os.getloadavg()[0],
                     )
@@ -329,7 +329,7 @@ def main(argv=None):
                 "max_abs_diff_vs_baseline",
                 "max_abs_diff_vs_exact",
                 "r2_vs_exact",
-                "peak_rss_gb",
+                "peak_memory_gb",
                 "build_s",
                 "load1",
             ],
@@ -389,7 +389,7 @@ def main(argv=None):
                     per_sample_s=seconds[mode] / B,
                     max_abs_diff_vs_exact=(x - exact).abs().max().item(),
                     r2_vs_exact=r_squared(x, exact),
-                    peak_rss_gb=peak[mode],
+                    peak_memory_gb=peak[mode],
                     build_s=builds[mode],
                     load1=os.getloadavg()[0],
                 )
