@@ -180,8 +180,10 @@ class CandidateBlocks:
         centres_t = torch.ones(centre_index.shape[0] + 1, M, dtype=dtype, device=device)
         sq = torch.empty(M, dtype=dtype, device=device)
         mu = plan.mu.to(device)
-        step = 1 << 16
-        for j in range(0, M, step):  # in slices of block order: never a second full-size copy
+        # in slices of block order (never a second full-size copy) of 4096 candidates: the float64
+        # temporaries (2.6 MB at k = 9) then stay in cache (slices of 65536: 2.3x slower)
+        step = 1 << 12
+        for j in range(0, M, step):
             rows = candidate_rows(plan.order[j : j + step].to(device))
             centred = (rows - mu).to(dtype)
             cand_t[:, j : j + step] = centred.t()

@@ -35,12 +35,15 @@ def fraction_visited(index, x, t, k):
 
 
 @pytest.mark.parametrize("kind", ["els", "bbels"])
-@pytest.mark.parametrize("eight_bit", [False, True])  # 8-bit: deduplicated candidates
+# float images; 8-bit images gathered from the stored bytes; 8-bit deduplicated candidates
+@pytest.mark.parametrize("images", ["float", "8bit", "8bit-dedup"])
 @pytest.mark.parametrize("k", [3, 5])
 @pytest.mark.parametrize("C", [1, 2])
-def test_pruned_softmax_matches_loop_and_dense(small_leaves, kind, eight_bit, k, C):
+def test_pruned_softmax_matches_loop_and_dense(small_leaves, kind, images, k, C):
+    eight_bit = images.startswith("8bit")
     train = random_8bit_images(6, C, 9, 8, seed=1) if eight_bit else random_images(6, C, 9, 8)
-    index = els.PatchIndex.build(train, kind, k, dedup=True if eight_bit else False)
+    index = els.PatchIndex.build(train, kind, k, dedup=images == "8bit-dedup")
+    assert any(f.unique is not None for f in index.families) == (images == "8bit-dedup")
     assert index.block_plans, "the interior family should have a block plan"
     visited = []
     for t in (0.05, 0.2, 0.45):
@@ -50,12 +53,24 @@ def test_pruned_softmax_matches_loop_and_dense(small_leaves, kind, eight_bit, k,
         ref = ref_denoise(kind, x, t, to_float(train, torch.float64), k)
         assert (got - ref).abs().max().item() < 1e-12
         assert (got - dense).abs().max().item() < 1e-12
-        for field in ("image", "row", "col"):
-            assert torch.equal(getattr(prov, field), getattr(prov_dense, field)), field
+        if images == "8bit":
+            # identical stored patches tie (up to the products' rounding): an identical patch
+            assert torch.equal(patches_at(train, k, prov), patches_at(train, k, prov_dense))
+        else:
+            for field in ("image", "row", "col"):
+                assert torch.equal(getattr(prov, field), getattr(prov_dense, field)), field
         torch.testing.assert_close(prov.weight, prov_dense.weight)
         torch.testing.assert_close(prov.n_eff, prov_dense.n_eff)
         visited.append(fraction_visited(index, x, t, k))
     assert visited[0] < 0.9, f"hardly any pruning at t=0.05: visited {visited}"
+
+
+def patches_at(train, k, prov):
+    """The zero-padded k x k training patch each pixel's provenance names."""
+    d = k // 2
+    padded = torch.nn.functional.pad(to_float(train, torch.float64), (d, d, d, d))
+    patches = padded.unfold(2, k, 1).unfold(3, k, 1)  # [N, C, H, W, k, k]: centred on (r, c)
+    return patches[prov.image, :, prov.row, prov.col]
 
 
 def test_pruned_provenance_on_ties_reports_an_identical_patch(small_leaves):
@@ -63,16 +78,12 @@ def test_pruned_provenance_on_ties_reports_an_identical_patch(small_leaves):
     # paths must report, per pixel, a patch identical to the other's (the one the weight belongs to)
     train = random_8bit_images(6, 1, 9, 9, seed=4, levels=2, background=0.9)
     index = els.PatchIndex.build(train, "bbels", 3, dedup=False)
-    padded = torch.nn.functional.pad(to_float(train, torch.float64), (1, 1, 1, 1))
-    patches = padded.unfold(2, 3, 1).unfold(3, 3, 1)  # [N, C, H, W, 3, 3]: centred on (r, c)
     for t in (0.05, 0.3):
         x = noisy(train, t, seed=5)
         _, prov = els.denoise(index, x, t, return_provenance=True, prune_below_t=1.0)
         _, dense = els.denoise(index, x, t, return_provenance=True, prune_below_t=0)
         torch.testing.assert_close(prov.weight, dense.weight)
-        got = patches[prov.image, :, prov.row, prov.col]
-        want = patches[dense.image, :, dense.row, dense.col]
-        assert torch.equal(got, want), t
+        assert torch.equal(patches_at(train, 3, prov), patches_at(train, 3, dense)), t
 
 
 def test_bounds_hold_for_every_candidate(small_leaves):
