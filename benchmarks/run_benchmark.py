@@ -145,6 +145,11 @@ def lockstep_samples(noise: torch.Tensor, denoisers: dict):
 
 
 def main(argv=None):
+    with torch.no_grad():  # not set_grad_enabled(False): a caller's grad mode is left as it was
+        _main(argv)
+
+
+def _main(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--data", default="/tmp/fm/train.safetensors", help="prepared FashionMNIST")
     p.add_argument("--cls", type=int, default=3)
@@ -196,7 +201,6 @@ def main(argv=None):
     batches = [int(b) for b in args.batches.split(",")]
     base8_ks = {int(k) for k in args.baseline_batch8_ks.split(",") if k}
     fractions = [float(f) for f in (args.r2_fractions or str(args.fast_fraction)).split(",")]
-    torch.set_grad_enabled(False)
     global DEVICE
     DEVICE = torch.device(args.device)
     gpu = DEVICE.type == "cuda"

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import torch
 from data_factory import (
     IDX_IMAGES_MAGIC,
     IDX_LABELS_MAGIC,
@@ -71,6 +72,7 @@ def test_benchmark_runs_every_section_and_writes_its_tables(tmp_path, monkeypatc
         ]
     )
     assert "lockstep exact == els.sample bit for bit: True" in capsys.readouterr().out
+    assert torch.is_grad_enabled(), "the benchmark left autograd off for its caller"
 
     evals = pd.read_csv(out / "t_evals.csv")
     assert set(evals["mode"]) == {"baseline", "exact", "fast"}
