@@ -145,8 +145,13 @@ def lockstep_samples(noise: torch.Tensor, denoisers: dict):
 
 
 def main(argv=None):
-    with torch.no_grad():  # not set_grad_enabled(False): a caller's grad mode is left as it was
-        _main(argv)
+    # a caller's grad mode and TF32 flags are left as they were (set_grad_enabled(False) was not)
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        with torch.no_grad():
+            _main(argv)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 def _main(argv):
@@ -184,6 +189,7 @@ def _main(argv):
     p.add_argument(
         "--device",
         default="cpu",
+        choices=["cpu", "cuda"],
         help="cpu or cuda: where every mode (the baseline included) runs; indexes are built on the "
         "CPU as the pipeline builds them, without block plans on a GPU (pruning is CPU-only)",
     )
