@@ -23,6 +23,7 @@ small logits, little float32 cancellation), in block order.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -141,6 +142,13 @@ class BlockPlan:
         )
 
 
+def _ids_ascending_in_blocks(order: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+    """order (a permutation of the candidate ids) with each block's ids sorted."""
+    M = order.shape[0]
+    block = torch.repeat_interleave(torch.arange(starts.shape[0] - 1), starts[1:] - starts[:-1])
+    return torch.sort(block * M + order).values % M
+
+
 @dataclass
 class CandidateBlocks:
     """A BlockPlan with the candidates themselves, on the sampling device and dtype: cand_t [D, M]
@@ -175,6 +183,9 @@ class CandidateBlocks:
     ) -> CandidateBlocks:
         """candidate_rows(ids) -> the candidates with these ids, [m, D] float64; centre_index: the
         positions of the centre pixel(s) in a candidate row; log_mult [M] or None (id order)."""
+        # within each block the candidates in id order (the softmax's provenance takes the first of
+        # exactly tied logits as the smallest id: RunningSoftmax.fold); bounds do not depend on it
+        plan = dataclasses.replace(plan, order=_ids_ascending_in_blocks(plan.order, plan.starts))
         M, D = plan.order.shape[0], plan.mu.shape[0]
         cand_t = torch.empty(D, M, dtype=dtype, device=device)
         centres_t = torch.ones(centre_index.shape[0] + 1, M, dtype=dtype, device=device)

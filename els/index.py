@@ -623,9 +623,10 @@ class PatchIndex:
                 return _codes_to_float(unique[ids], torch.float64)
 
             log_mult = fam.unique_log_mult[0]
-        elif fam.name == "interior":
-            # fully-inside patches: gathered from the stored (8-bit) images, unpadded, and converted
-            # after the gather (an eighth of the bytes of a gather from float64 images)
+        else:
+            # plans exist for the interior family only (build): its fully-inside patches, gathered
+            # from the stored (8-bit) images, unpadded, and converted after the gather (an eighth of
+            # the bytes of a gather from float64 images)
             patches = self.images.to(device).unfold(2, k, 1).unfold(3, k, 1)  # [N, C, H-2d, ...]
             S = fam.positions_per_image
             in_r, in_c = fam.cand_rows[0].to(device) - d, fam.cand_cols[0].to(device) - d
@@ -636,18 +637,7 @@ class PatchIndex:
                 return to_float(picked, torch.float64)
 
             log_mult = None
-        else:
-            # the k x k patch centred on every pixel of every (padded) image: a view, no copy
-            images = F.pad(to_float(self.images.to(device), torch.float64), (d, d, d, d))
-            patches = images.unfold(2, k, 1).unfold(3, k, 1)  # [N, C, H, W, k, k]
-            S = fam.positions_per_image
-            cand_r, cand_c = fam.cand_rows[0].to(device), fam.cand_cols[0].to(device)
 
-            def rows(ids):
-                n, s = ids // S, ids % S
-                return patches[n, :, cand_r[s], cand_c[s]].reshape(ids.shape[0], -1)
-
-            log_mult = None
         blocks = CandidateBlocks.from_plan(plan, rows, centre, log_mult, dtype, device)
         self._blocks = (key, blocks)
         return blocks

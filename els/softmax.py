@@ -81,9 +81,6 @@ class SoftmaxStats:
     n_eff: torch.Tensor  # 1 / sum w^2, [G, P]
 
 
-NO_ID = torch.iinfo(torch.long).max  # larger than any candidate id
-
-
 @dataclass
 class RunningSoftmax:
     """The running state of a streaming softmax for queries [G, P]: running max, the weighted sums of
@@ -131,14 +128,15 @@ class RunningSoftmax:
         ids: torch.Tensor | None,
     ) -> None:
         """Fold one chunk in: logits [G, P, M] (overwritten), centres_t [G, E + 1, M], log
-        multiplicities [G, M] or None, the candidates' ids [M] (needed with stats)."""
+        multiplicities [G, M] or None, the candidates' ids [M], ascending (needed with stats)."""
         if self.best_logit is not None:
             # the dominant candidate is a single training patch: compare logits without
-            # multiplicity; among exact ties the smallest id (the first occurrence)
+            # multiplicity; among exact ties the smallest id (the first occurrence): max() returns
+            # the first maximal position, the smallest id as ids ascend
             single = logits if log_mult is None else logits - log_mult.unsqueeze(1)
-            single_max = single.amax(dim=2)
+            single_max, arg = single.max(dim=2)
             chunk_max = single_max if log_mult is None else logits.amax(dim=2)
-            first = torch.where(single == single_max.unsqueeze(2), ids, NO_ID).amin(dim=2)
+            first = ids[arg]
             better = (single_max > self.best_logit) | (
                 (single_max == self.best_logit) & (first < self.best_id)
             )

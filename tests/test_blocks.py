@@ -1,5 +1,7 @@
 """Certified pruning (els.blocks): candidate blocks with bounds, against the loop implementation."""
 
+import math
+
 import pytest
 import torch
 from reference import random_8bit_images, random_images, ref_denoise
@@ -133,3 +135,31 @@ def test_no_plan_means_dense_and_a_clear_error():
     assert (els.denoise(index, x, 0.1) - ref).abs().max().item() < 1e-12
     with pytest.raises(els.PatchIndexError, match="no block plan"):
         index.candidate_blocks(index.families[0], torch.float64, "cpu")
+
+
+def test_running_softmax_reports_the_smallest_id_among_exact_ties():
+    from els.softmax import RunningSoftmax
+
+    state = RunningSoftmax.start(1, 1, 1, torch.float64, "cpu", with_stats=True)
+    centres = torch.ones(1, 2, 4, dtype=torch.float64)
+    logits = torch.tensor([[[1.0, 3.0, 3.0, 2.0]]], dtype=torch.float64)
+    state.fold(logits, centres, None, torch.tensor([10, 11, 12, 13]))
+    assert state.best_id.item() == 11  # first of the tie within a chunk
+    # a later chunk (a pruned block) with a smaller id at the same logit wins; a larger one does not
+    state.fold(
+        torch.tensor([[[3.0, 0.0]]], dtype=torch.float64),
+        centres[..., :2],
+        None,
+        torch.tensor([12, 20]),
+    )
+    assert state.best_id.item() == 11
+    state.fold(
+        torch.tensor([[[0.0, 3.0]]], dtype=torch.float64),
+        centres[..., :2],
+        None,
+        torch.tensor([4, 6]),
+    )
+    assert state.best_id.item() == 6
+    _, stats = state.result()
+    total = math.exp(1) + 4 * math.exp(3) + math.exp(2) + 2 * math.exp(0)
+    assert stats.best_weight.item() == pytest.approx(math.exp(3) / total, rel=1e-12)
