@@ -226,7 +226,8 @@ def _main(argv):
     print(
         f"# {name}: FashionMNIST class {args.cls}, N={N}, torch {torch.__version__}, "
         f"device {DEVICE} ({where}), threads {torch.get_num_threads()}, "
-        f"load {load[0]:.2f}, budget {args.memory_budget_gb} GB",
+        f"load {load[0]:.2f}, budget {args.memory_budget_gb} GB, compiled fold "
+        f"{'on' if not gpu and els.native.fold_module() is not None else 'off'}",
         flush=True,
     )
     n = len(FASHION_RESNET)

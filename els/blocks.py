@@ -264,20 +264,24 @@ class CandidateBlocks:
         starts = self.plan.starts.tolist()
         ids = self.plan.order
 
-        def logits_of(j: int, rows: torch.Tensor | None) -> torch.Tensor:
+        def bias_of(j: int) -> torch.Tensor:
             s, e = starts[j], starts[j + 1]
             bias = self.sq_norms[s:e] * norm_coef
             if self.log_mult is not None:
                 bias = bias + self.log_mult[s:e]
+            return bias
+
+        def products_of(j: int, rows: torch.Tensor | None) -> torch.Tensor:
             qq = q if rows is None else q.index_select(0, rows)
-            return torch.addmm(bias.unsqueeze(0), qq, self.cand_t[:, s:e], alpha=alpha)
+            return qq @ self.cand_t[:, starts[j] : starts[j + 1]]
 
         # a logit each query certainly reaches: its best candidate in the block of its best bound
         best_block = ub.argmax(1)
         seed = torch.full((P,), float("-inf"), dtype=torch.float64, device=device)
         for j in torch.unique(best_block).tolist():
             rows = (best_block == j).nonzero().squeeze(1)
-            seed[rows] = logits_of(j, rows).amax(1).double()
+            logits = products_of(j, rows).mul_(alpha).add_(bias_of(j))
+            seed[rows] = logits.amax(1).double()
         keep = ub >= (seed - margin).unsqueeze(1)  # [P, nb]
 
         E = self.centres_t.shape[0] - 1
@@ -292,8 +296,10 @@ class CandidateBlocks:
             s, e = starts[j], starts[j + 1]
             visited += n_rows * (e - s)
             part = state if rows is None else state.rows(rows)
-            part.fold(
-                logits_of(j, rows).unsqueeze(0),
+            part.fold_products(
+                products_of(j, rows).unsqueeze(0),
+                bias_of(j).unsqueeze(0),
+                alpha,
                 self.centres_t[None, :, s:e],
                 None if self.log_mult is None else self.log_mult[None, s:e],
                 ids[s:e],

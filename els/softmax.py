@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import native
+
 # exp() of arguments below about -87 (float32) takes a slow path, 8x slower on these CPUs; a relative
 # weight of e^-80 = 2e-35 is below the rounding of any float sum, so logits are floored there.
 EXP_FLOOR = -80.0
@@ -133,7 +135,12 @@ class RunningSoftmax:
             # the dominant candidate is a single training patch: compare logits without
             # multiplicity; among exact ties the smallest id (the first occurrence): max() returns
             # the first maximal position, the smallest id as ids ascend
-            single = logits if log_mult is None else logits - log_mult.unsqueeze(1)
+            # (padding: -inf - -inf is nan, which max() would return: -inf instead)
+            single = logits
+            if log_mult is not None:
+                single = (logits - log_mult.unsqueeze(1)).nan_to_num_(
+                    nan=float("-inf"), neginf=float("-inf")
+                )
             single_max, arg = single.max(dim=2)
             chunk_max = single_max if log_mult is None else logits.amax(dim=2)
             first = ids[arg]
@@ -162,6 +169,36 @@ class RunningSoftmax:
             self.sq = self.sq * rescale * rescale + sq.sum(dim=2)
         self.run_max = new_max
 
+    def fold_products(
+        self,
+        products: torch.Tensor,
+        bias: torch.Tensor,
+        alpha: float,
+        centres_t: torch.Tensor,
+        log_mult: torch.Tensor | None,
+        ids: torch.Tensor | None,
+    ) -> None:
+        """fold() of the logits alpha * products + bias: products [G, P, M] (the query-candidate
+        dot products, rows contiguous; overwritten), bias [G, M] (log multiplicities included).
+        On a CPU the compiled fold (els.native) does it in one pass per query row."""
+        if native.usable(products, centres_t.shape[1] - 1):
+            native.fold_module().fold_chunk(
+                products,
+                bias,
+                alpha,
+                centres_t,
+                log_mult,
+                ids,
+                self.run_max,
+                self.acc,
+                self.best_logit,
+                self.best_id,
+                self.sq,
+            )
+            return
+        logits = products.mul_(alpha).add_(bias.unsqueeze(1))
+        self.fold(logits, centres_t, log_mult, ids)
+
     def result(self) -> tuple[torch.Tensor, SoftmaxStats | None]:
         """mean [G, P, E] and, with stats, SoftmaxStats."""
         run_sum = self.acc[:, -1]
@@ -183,22 +220,28 @@ class _QueryBlock:
         self.state: RunningSoftmax | None = None  # started at the first chunk (E is known then)
 
     def update(self, chunk: CandidateChunk, bias: torch.Tensor, alpha: float, dots) -> None:
-        # logits [G, P, M] = alpha * q.c + bias, in one batched GEMM
+        # logits [G, P, M] = alpha * q.c + bias: one batched GEMM, folded into the state
         G, P, _ = self.queries.shape
         M = bias.shape[1]
-        out = self.workspace.take("logits", (G, P, M), bias.dtype, bias.device)
-        if dots is not None:
-            logits = torch.add(bias.unsqueeze(1), dots, alpha=alpha, out=out)
-        else:
-            logits = torch.baddbmm(
-                bias.unsqueeze(1), self.queries, chunk.patches_t, alpha=alpha, out=out
-            )
         if self.state is None:
             E = chunk.centres_t.shape[1] - 1
             self.state = RunningSoftmax.start(G, P, E, bias.dtype, bias.device, self.with_stats)
         ids = None
         if self.with_stats:
             ids = torch.arange(chunk.first_id, chunk.first_id + M, device=bias.device)
+        out = self.workspace.take("logits", (G, P, M), bias.dtype, bias.device)
+        if native.usable(bias, chunk.centres_t.shape[1] - 1):
+            # the products alone; the compiled fold adds the bias while a row is in cache
+            if dots is None:
+                dots = torch.bmm(self.queries, chunk.patches_t, out=out)
+            self.state.fold_products(dots, bias, alpha, chunk.centres_t, chunk.log_mult, ids)
+            return
+        if dots is not None:
+            logits = torch.add(bias.unsqueeze(1), dots, alpha=alpha, out=out)
+        else:
+            logits = torch.baddbmm(
+                bias.unsqueeze(1), self.queries, chunk.patches_t, alpha=alpha, out=out
+            )
         self.state.fold(logits, chunk.centres_t, chunk.log_mult, ids)
 
 

@@ -66,7 +66,9 @@ def test_materialized_float32_is_accurate():
     index.materialize(torch.float32, "cpu")
     # prune_below_t=0: the materialised chunks, not the candidate blocks (tests/test_blocks.py)
     got = els.denoise(index, x.float(), 0.05, prune_below_t=0)
-    assert (got.double() - exact).abs().max().item() < 1e-5
+    # at t = 0.05 the logits' float32 rounding alone moves near-tied pixels by 1e-5-1e-4 (measured
+    # 0.9-2.1e-5 here with the torch and the compiled fold); without centring it is ~1e-3
+    assert (got.double() - exact).abs().max().item() < 5e-5
 
 
 def test_sample_with_materialize_matches_loop():

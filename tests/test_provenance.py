@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from reference import random_images, ref_denoise
+from reference import random_8bit_images, random_images, ref_denoise
 
 import els
 
@@ -148,3 +148,21 @@ def test_mosaic_summary_and_displacement():
     assert top_sources(src, 5) == [(1, 3), (7, 1)]
     dr, dc = displacement(torch.tensor([[0, 0], [1, 1]]), torch.tensor([[0, 1], [0, 1]]))
     assert dr.abs().sum() == 0 and dc.abs().sum() == 0  # copied in place
+
+
+@pytest.mark.parametrize("native", ["0", "1"])
+def test_provenance_with_dedup_padding(monkeypatch, native):
+    # 8-bit images with few grey levels: the edge groups keep different numbers of unique patches,
+    # so the shorter groups are padded (log multiplicity -inf); padding must never hide the best
+    monkeypatch.setenv("ELS_NATIVE", native)
+    train = random_8bit_images(6, 1, 7, 7, seed=5)
+    x = random_images(2, 1, 7, 7, seed=6)
+    plain = els.PatchIndex.build(train, "bbels", 3, dedup=False)
+    dedup = els.PatchIndex.build(train, "bbels", 3, dedup=True)
+    assert any(f.unique is not None and f.groups > 1 for f in dedup.families)
+    m1, p1 = els.denoise(plain, x, 0.2, return_provenance=True)
+    m2, p2 = els.denoise(dedup, x, 0.2, return_provenance=True)
+    torch.testing.assert_close(m1, m2)
+    torch.testing.assert_close(p1.weight, p2.weight)
+    torch.testing.assert_close(p1.n_eff, p2.n_eff)
+    assert (p2.weight > 0).all()
