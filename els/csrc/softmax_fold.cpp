@@ -194,6 +194,7 @@ void fold_chunk(at::Tensor products, at::Tensor bias, double alpha, at::Tensor c
     TORCH_CHECK(t.scalar_type() == products.scalar_type() && t.device().is_cpu(),
                 "all tensors must be CPU tensors of one floating dtype");
   }
+  if (M == 0 || G * P == 0) return;  // nothing to fold (and no ids[0] to read)
   at::Tensor none;
   AT_DISPATCH_FLOATING_TYPES(products.scalar_type(), "fold_chunk", [&] {
     fold_rows<scalar_t>(products, bias.contiguous(), alpha, centres.contiguous(),
