@@ -13,6 +13,8 @@ candidate of a query and cancels, so the logit is
 and the <q, c> for a whole chunk is one batched matrix product. The softmax is a streaming log-sum-exp:
 a running max m, running normaliser s and running weighted sum of centres, rescaled by exp(m_old - m_new)
 whenever a chunk raises the max. Chunks never average locally, so the result equals one big softmax.
+On a CPU the fold of a chunk into that state runs compiled, one pass per query row (els.native);
+RunningSoftmax.fold is the torch version of the same arithmetic (GPUs, and CPUs without a compiler).
 """
 
 from __future__ import annotations
