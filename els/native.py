@@ -3,7 +3,7 @@
 On a CPU the streaming softmax is bound by the matrix products at high noise; what is left is the
 fold of each chunk's logits into the running state (max, exp, weighted sums), which in torch takes
 seven passes over the chunk. The compiled fold finishes each query's row of logits while it sits
-in cache: 3-4x faster than the torch passes on 2M logits; a FashionMNIST sample took 26% less time.
+in cache: 2-4x faster than the torch passes on 2M logits; a FashionMNIST sample took 26% less time.
 
 It is compiled once per machine type with torch's extension builder (needs a C++ compiler and
 ninja; about 25 s) into ~/.cache/els (ELS_NATIVE_DIR overrides). The build is keyed by the source,
