@@ -90,6 +90,8 @@ def fold_module():
     """The compiled module (fold_chunk), or None where it is turned off or cannot be built."""
     if not enabled():
         return None
+    if "module" in _state:  # the per-chunk path: no lock once loaded (or once failed)
+        return _state["module"]
     with _lock:
         if "module" not in _state:
             try:

@@ -231,13 +231,14 @@ class _QueryBlock:
         ids = None
         if self.with_stats:
             ids = torch.arange(chunk.first_id, chunk.first_id + M, device=bias.device)
-        out = self.workspace.take("logits", (G, P, M), bias.dtype, bias.device)
         if native.usable(bias, chunk.centres_t.shape[1] - 1):
             # the products alone; the compiled fold adds the bias while a row is in cache
             if dots is None:
+                out = self.workspace.take("logits", (G, P, M), bias.dtype, bias.device)
                 dots = torch.bmm(self.queries, chunk.patches_t, out=out)
             self.state.fold_products(dots, bias, alpha, chunk.centres_t, chunk.log_mult, ids)
             return
+        out = self.workspace.take("logits", (G, P, M), bias.dtype, bias.device)
         if dots is not None:
             logits = torch.add(bias.unsqueeze(1), dots, alpha=alpha, out=out)
         else:

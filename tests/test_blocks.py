@@ -137,28 +137,25 @@ def test_no_plan_means_dense_and_a_clear_error():
         index.candidate_blocks(index.families[0], torch.float64, "cpu")
 
 
-def test_running_softmax_reports_the_smallest_id_among_exact_ties():
+@pytest.mark.parametrize("native", ["0", "1"])  # the torch fold and the compiled one
+def test_running_softmax_reports_the_smallest_id_among_exact_ties(monkeypatch, native):
     from els.softmax import RunningSoftmax
 
+    monkeypatch.setenv("ELS_NATIVE", native)
     state = RunningSoftmax.start(1, 1, 1, torch.float64, "cpu", with_stats=True)
-    centres = torch.ones(1, 2, 4, dtype=torch.float64)
-    logits = torch.tensor([[[1.0, 3.0, 3.0, 2.0]]], dtype=torch.float64)
-    state.fold(logits, centres, None, torch.tensor([10, 11, 12, 13]))
+
+    def fold(logits, ids):  # logits of one chunk: products with alpha 1 and no bias
+        M = len(logits)
+        products = torch.tensor([[logits]], dtype=torch.float64)
+        zeros, centres = torch.zeros(1, M, dtype=torch.float64), torch.ones(1, 2, M).double()
+        state.fold_products(products, zeros, 1.0, centres, None, torch.tensor(ids))
+
+    fold([1.0, 3.0, 3.0, 2.0], [10, 11, 12, 13])
     assert state.best_id.item() == 11  # first of the tie within a chunk
     # a later chunk (a pruned block) with a smaller id at the same logit wins; a larger one does not
-    state.fold(
-        torch.tensor([[[3.0, 0.0]]], dtype=torch.float64),
-        centres[..., :2],
-        None,
-        torch.tensor([12, 20]),
-    )
+    fold([3.0, 0.0], [12, 20])
     assert state.best_id.item() == 11
-    state.fold(
-        torch.tensor([[[0.0, 3.0]]], dtype=torch.float64),
-        centres[..., :2],
-        None,
-        torch.tensor([4, 6]),
-    )
+    fold([0.0, 3.0], [4, 6])
     assert state.best_id.item() == 6
     _, stats = state.result()
     total = math.exp(1) + 4 * math.exp(3) + math.exp(2) + 2 * math.exp(0)
