@@ -14,18 +14,21 @@ and the <q, c> for a whole chunk is one batched matrix product. The softmax is a
 a running max m, running normaliser s and running weighted sum of centres, rescaled by exp(m_old - m_new)
 whenever a chunk raises the max. Chunks never average locally, so the result equals one big softmax.
 On a CPU the fold of a chunk into that state runs compiled, one pass per query row (els.native);
-RunningSoftmax.fold is the torch version of the same arithmetic (GPUs, and CPUs without a compiler).
+on a GPU (float32) Triton kernels compute the products, weights and sums together without writing
+the logits to memory (els.fused). RunningSoftmax.fold is the torch version of the same arithmetic
+(float64 on a GPU, CPUs without a compiler, GPUs without triton).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 
-from . import native
+from . import fused, native
 
 # exp() of arguments below about -87 (float32) takes a slow path, 8x slower on these CPUs; a relative
 # weight of e^-80 = 2e-35 is below the rounding of any float sum, so logits are floored there.
@@ -248,6 +251,30 @@ class _QueryBlock:
         self.state.fold(logits, chunk.centres_t, chunk.log_mult, ids)
 
 
+def _fused_softmax_mean(queries, first, rest, alpha, norm_coef, with_stats):
+    """streaming_softmax_mean by els.fused's kernels: one launch for all rows (row-independent
+    arithmetic, so batching still cannot change an image's rounding). None if the kernels cannot
+    run on this GPU (the first chunk is then still valid: the caller folds it with torch)."""
+    G, P, _ = queries.shape
+    E = first.centres_t.shape[1] - 1
+    state = RunningSoftmax.start(G, P, E, queries.dtype, queries.device, with_stats)
+    queries = queries.contiguous()
+    for i, chunk in enumerate(itertools.chain([first], rest)):
+        bias = chunk.sq_norms * norm_coef
+        if chunk.log_mult is not None:
+            bias = bias + chunk.log_mult
+        args = (bias, alpha, chunk.centres_t, chunk.log_mult, chunk.first_id)
+        if i > 0:
+            fused.fold_chunk(state, queries, chunk.patches_t, *args)
+            continue
+        try:
+            fused.fold_chunk(state, queries, chunk.patches_t, *args)
+        except Exception as err:  # compilation or launch (shared memory, an older GPU): torch
+            fused.turn_off(f"{type(err).__name__}: {str(err).strip()[:200]}")
+            return None
+    return state.result()
+
+
 def streaming_softmax_mean(
     queries: torch.Tensor,
     chunks: Iterable[CandidateChunk],
@@ -271,22 +298,28 @@ def streaming_softmax_mean(
     step = P if rows_per_image is None else rows_per_image
     alpha = a / b2
     norm_coef = -(a * a) / (2.0 * b2)
+    chunks = iter(chunks)
+    first = next(chunks, None)
+    if first is None:
+        raise ValueError("no candidates: the candidate set of a query group is empty")
+    E = first.centres_t.shape[1] - 1
+    if first.dots is None and fused.usable(queries, E):
+        result = _fused_softmax_mean(queries, first, chunks, alpha, norm_coef, with_stats)
+        if result is not None:
+            return result
+    chunks = itertools.chain([first], chunks)
     # contiguous: each block's layout is then exactly that of a batch of one
     blocks = [
         _QueryBlock(queries[:, s : s + step].contiguous(), with_stats, workspace)
         for s in range(0, P, step)
     ]
-    empty = True
     for chunk in chunks:
-        empty = False
         bias = chunk.sq_norms * norm_coef
         if chunk.log_mult is not None:
             bias = bias + chunk.log_mult
         for i, block in enumerate(blocks):
             dots = None if chunk.dots is None else chunk.dots[:, i * step : (i + 1) * step]
             block.update(chunk, bias, alpha, dots)
-    if empty:
-        raise ValueError("no candidates: the candidate set of a query group is empty")
     results = [block.state.result() for block in blocks]
     mean = torch.cat([m for m, _ in results], dim=1)
     stats = None
