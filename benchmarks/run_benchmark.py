@@ -12,6 +12,7 @@ Writes results/benchmarks/<name>_evals.csv, _samples.csv, _r2.csv (rows appended
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import math
 import os
@@ -101,6 +102,28 @@ def r_squared(pred: torch.Tensor, target: torch.Tensor) -> float:
     return float(1 - (pred - target).square().sum() / sst)
 
 
+@contextlib.contextmanager
+def torch_fold():
+    """On a GPU: the exact mode without els.fused's kernels (the torch fold), for comparison."""
+    old = os.environ.get("ELS_FUSED")
+    os.environ["ELS_FUSED"] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["ELS_FUSED"]
+        else:
+            os.environ["ELS_FUSED"] = old
+
+
+def with_torch_fold(fn):
+    def call(*args):
+        with torch_fold():
+            return fn(*args)
+
+    return call
+
+
 def one_index_at_a_time(index_for, budget):
     """A denoiser (x, t, k) over per-step indexes that, as els.sample does, releases the previous
     index's explicit candidates (candidate blocks) when the index changes."""
@@ -176,6 +199,12 @@ def _main(argv):
         action="store_true",
         help="also run the baseline's full sample at B=8 (hours at N=6000)",
     )
+    p.add_argument(
+        "--sample-modes",
+        default="baseline,exact,fast,exact_torch_fold",
+        help="modes of the full samples (exact_torch_fold: GPU only); the baseline runs at B=1 "
+        "(and at B=8 with --baseline-batch8-sample)",
+    )
     p.add_argument("--r2-classes", default="0,1,2,3,4,5,6,7,8,9")
     p.add_argument("--r2-seeds", type=int, default=2, help="seeds per class for fast-mode r^2")
     p.add_argument("--fast-fraction", type=float, default=0.25)
@@ -227,16 +256,20 @@ def _main(argv):
         f"# {name}: FashionMNIST class {args.cls}, N={N}, torch {torch.__version__}, "
         f"device {DEVICE} ({where}), threads {torch.get_num_threads()}, "
         f"load {load[0]:.2f}, budget {args.memory_budget_gb} GB, compiled fold "
-        f"{'on' if not gpu and els.native.fold_module() is not None else 'off'}",
+        f"{'on' if not gpu and els.native.fold_module() is not None else 'off'}, fused fold "
+        f"{'on' if gpu and els.fused.usable(train_dev.float(), 1) else 'off'}",
         flush=True,
     )
     n = len(FASHION_RESNET)
     if gpu:
         # CUDA context, cuBLAS/cuDNN handles and kernels' first loads stay out of the timings
+        # (and the fused fold's Triton kernels compiled for every patch size used)
         warm = els.index.to_float(train[:2], torch.float32).to(DEVICE)
         for k in (3, 5):
             baseline_denoise(warm, 0.5, train_dev[:64], k)
-            els.denoise(els.PatchIndex.build(train[:64], "bbels", k).to(DEVICE), warm, 0.5)
+        for k in sorted(set(FASHION_RESNET[1:]) | set(ks)):
+            small = els.PatchIndex.build(train[:64], "bbels", k, blocks=False).to(DEVICE)
+            els.denoise(small, warm, 0.5)
         torch.cuda.synchronize(DEVICE)
 
     # ------------------------------------------------------------------ per score evaluation
@@ -302,13 +335,15 @@ def _main(argv):
                     )
                 else:
                     tb, base_b = base_per_image * B, 1
-                for mode, idx, bs in (
-                    ("exact", index, build_s),
-                    ("fast", fast_index, fast_build_s),
-                ):
-                    m, dt, mem = timed(
-                        lambda idx=idx, x=x, t=t: els.denoise(idx, x, t, memory_budget=budget)
-                    )
+                modes = [("exact", index, build_s), ("fast", fast_index, fast_build_s)]
+                if gpu:
+                    modes.append(("exact_torch_fold", index, build_s))
+                for mode, idx, bs in modes:
+                    fold = torch_fold() if mode == "exact_torch_fold" else contextlib.nullcontext()
+                    with fold:
+                        m, dt, mem = timed(
+                            lambda idx=idx, x=x, t=t: els.denoise(idx, x, t, memory_budget=budget)
+                        )
                     if mode == "exact" and mb is None:
                         mb = m  # no baseline at this batch: differences against exact mode
                     ev.row(
@@ -328,6 +363,7 @@ def _main(argv):
             del index, fast_index
 
     # ------------------------------------------------------------------ full 19-step samples
+    sample_modes = set(args.sample_modes.split(","))
     if args.samples:
         sp = Writer(
             out / f"{name}_samples.csv",
@@ -352,13 +388,15 @@ def _main(argv):
         fast_n = max(1, math.ceil(args.fast_fraction * N))
         subset = torch.randperm(N, generator=torch.Generator().manual_seed(0))[:fast_n]
         subset = subset.sort().values  # the subset els.sample(mode='fast') uses (fast_seed=0)
-        fast_indexes, fast_build_s, _ = timed(
-            lambda: els.build_indexes("bbels", train[subset], FASHION_RESNET, blocks=False)
-        )
+        fast_indexes, fast_build_s = {}, ""
+        if "fast" in sample_modes:
+            fast_indexes, fast_build_s, _ = timed(
+                lambda: els.build_indexes("bbels", train[subset], FASHION_RESNET, blocks=False)
+            )
         indexes = {k: v.to(DEVICE) for k, v in indexes.items()}
         fast_indexes = {k: v.to(DEVICE) for k, v in fast_indexes.items()}
         fast_or_exact = {
-            k: (fast_indexes[k], indexes[k]) for k in indexes
+            k: (fast_indexes.get(k), indexes[k]) for k in indexes
         }  # (t >= fast_exact_below, below)
         denoisers = {
             "baseline": lambda x, t, k: baseline_denoise(x, t, train_dev, k),
@@ -368,12 +406,16 @@ def _main(argv):
             ),
         }
         builds = {"baseline": "", "exact": build_s, "fast": fast_build_s}
+        if gpu:  # the exact mode without the fused kernels, for comparison
+            denoisers["exact_torch_fold"] = with_torch_fold(denoisers["exact"])
+            builds["exact_torch_fold"] = build_s
         for B in batches:
             noise = torch.randn(B, 1, 32, 32, generator=torch.Generator().manual_seed(B))
             noise = noise.to(DEVICE)
-            modes = ["exact", "fast"]
+            modes = ["exact", "fast"] + (["exact_torch_fold"] if gpu else [])
             if B == 1 or args.baseline_batch8_sample:
                 modes.insert(0, "baseline")
+            modes = [m for m in modes if m in sample_modes]
             final, seconds, peak = lockstep_samples(noise, {m: denoisers[m] for m in modes})
             if B == 1:
                 # the lockstep loop is els.sample's: its exact image is els.sample's, bit for bit
