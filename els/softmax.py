@@ -263,13 +263,20 @@ def _fused_softmax_mean(queries, first, rest, alpha, norm_coef, with_stats):
         bias = chunk.sq_norms * norm_coef
         if chunk.log_mult is not None:
             bias = bias + chunk.log_mult
-        args = (bias, alpha, chunk.centres_t, chunk.log_mult, chunk.first_id)
-        if i > 0:
-            fused.fold_chunk(state, queries, chunk.patches_t, *args)
-            continue
         try:
-            fused.fold_chunk(state, queries, chunk.patches_t, *args)
+            fused.fold_chunk(
+                state,
+                queries,
+                chunk.patches_t,
+                bias,
+                alpha,
+                chunk.centres_t,
+                chunk.log_mult,
+                chunk.first_id,
+            )
         except Exception as err:  # compilation or launch (shared memory, an older GPU): torch
+            if i > 0:  # the kernels ran on this GPU before: not a question of support
+                raise
             fused.turn_off(f"{type(err).__name__}: {str(err).strip()[:200]}")
             return None
     return state.result()
