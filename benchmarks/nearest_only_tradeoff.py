@@ -33,6 +33,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--data", default="/tmp/fm/train.safetensors", help="prepared FashionMNIST")
     p.add_argument("--cls", type=int, default=3)
+    p.add_argument("--n-train", type=int, default=None, help="training images (default: all)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--extras", default="30,0,-10,-15")
     p.add_argument("--out", default="results/benchmarks/nearest_only.csv")
@@ -41,6 +42,8 @@ def main(argv=None):
     if extras[0] != els.blocks.EXTRA_MARGIN:
         extras.insert(0, els.blocks.EXTRA_MARGIN)  # exact mode: the reference
     train, _ = load_prepared(args.data, cls=args.cls)
+    if args.n_train:
+        train = train[: args.n_train]
     indexes = els.build_indexes("bbels", train, FASHION_RESNET)
     noise = torch.randn(1, 1, 32, 32, generator=torch.Generator().manual_seed(args.seed))
     for k in sorted(set(FASHION_RESNET[1:])):  # candidate blocks built before the clock runs

@@ -99,3 +99,34 @@ def test_benchmark_runs_every_section_and_writes_its_tables(tmp_path, monkeypatc
     assert overall.loc[1.0, "r2_vs_exact"] >= 1 - 1e-9
     assert overall.loc[1.0, "max_abs_diff"] <= 1e-4
     assert overall.loc[0.5, "r2_vs_exact"] < 1
+
+
+def test_sample_modes_limit_the_full_samples(tmp_path, monkeypatch):
+    prepared = tiny_fashion_mnist(tmp_path, monkeypatch)
+    out = tmp_path / "bench"
+    common = ["--data", str(prepared), "--n-train", "8", "--batches", "1", "--r2-classes", ""]
+    run_benchmark.main(
+        common + ["--no-evals", "--sample-modes", "exact,fast", "--out", str(out), "--name", "m"]
+    )
+    samples = pd.read_csv(out / "m_samples.csv")
+    assert list(samples["mode"]) == ["exact", "fast"]  # no baseline: not asked for
+    assert samples["ratio_to_baseline"].isna().all()
+
+
+def test_nearest_only_tradeoff_runs_in_lockstep_with_exact_mode(tmp_path, monkeypatch, capsys):
+    import els.blocks
+    from benchmarks import nearest_only_tradeoff
+
+    prepared = tiny_fashion_mnist(tmp_path, monkeypatch)
+    out = tmp_path / "nearest.csv"
+    margin = els.blocks.EXTRA_MARGIN
+    nearest_only_tradeoff.main(
+        ["--data", str(prepared), "--n-train", "8", "--extras", "0,-15", "--out", str(out)]
+    )
+    assert els.blocks.EXTRA_MARGIN == margin  # restored for the caller
+    table = pd.read_csv(out).set_index("extra")
+    assert list(table.index) == [margin, 0, -15]  # exact mode first: the reference
+    assert table.loc[margin, "max_abs_diff"] == 0 and table.loc[margin, "r2"] == 1
+    assert table.loc[0, "max_abs_diff"] <= 1e-4  # skipping weights below e^0 of the total
+    assert (table["low_noise_s"] > 0).all() and (table["high_noise_s"] > 0).all()
+    assert "extra=-15" in capsys.readouterr().out
