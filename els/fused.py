@@ -17,6 +17,7 @@ run on CPU tensors (the CPU tests do this).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 import os
@@ -42,6 +43,7 @@ def enabled() -> bool:
 _state: dict[str, str] = {}  # "off": why the kernels cannot run in this process
 
 
+@functools.cache
 def _triton_ok() -> bool:
     return importlib.util.find_spec("triton") is not None
 
@@ -125,6 +127,7 @@ def fold_chunk(
         part_sq = torch.empty((G, S, R), dtype=f32, device=dev)
     else:  # not read or written without stats
         part_best, part_id, part_sq = part_m, part_m, part_m
+    parts = (part_m, part_l, part_acc, part_best, part_id, part_sq)  # one partial state per range
     BD = 16 if D <= 16 else 32
     partials[(math.ceil(R / BLOCK_M), S, G)](
         queries,
@@ -140,12 +143,7 @@ def fold_chunk(
         centres_t.stride(1),
         lm,
         lm.stride(0),
-        part_m,
-        part_l,
-        part_acc,
-        part_best,
-        part_id,
-        part_sq,
+        *parts,
         R,
         M,
         int(first_id),
@@ -171,12 +169,7 @@ def fold_chunk(
         best,
         best_id,
         sq,
-        part_m,
-        part_l,
-        part_acc,
-        part_best,
-        part_id,
-        part_sq,
+        *parts,
         S,
         R,
         E=E,

@@ -251,6 +251,12 @@ class _QueryBlock:
         self.state.fold(logits, chunk.centres_t, chunk.log_mult, ids)
 
 
+def _chunk_bias(chunk: CandidateChunk, norm_coef: float) -> torch.Tensor:
+    """The logits' per-candidate term -a^2 ||c||^2 / (2 b^2) + log mult(c), [G, M]."""
+    bias = chunk.sq_norms * norm_coef
+    return bias if chunk.log_mult is None else bias + chunk.log_mult
+
+
 def _fused_softmax_mean(queries, first, rest, alpha, norm_coef, with_stats):
     """streaming_softmax_mean by els.fused's kernels: one launch for all rows (row-independent
     arithmetic, so batching still cannot change an image's rounding). None if the kernels cannot
@@ -258,11 +264,8 @@ def _fused_softmax_mean(queries, first, rest, alpha, norm_coef, with_stats):
     G, P, _ = queries.shape
     E = first.centres_t.shape[1] - 1
     state = RunningSoftmax.start(G, P, E, queries.dtype, queries.device, with_stats)
-    queries = queries.contiguous()
     for i, chunk in enumerate(itertools.chain([first], rest)):
-        bias = chunk.sq_norms * norm_coef
-        if chunk.log_mult is not None:
-            bias = bias + chunk.log_mult
+        bias = _chunk_bias(chunk, norm_coef)
         try:
             fused.fold_chunk(
                 state,
@@ -321,9 +324,7 @@ def streaming_softmax_mean(
         for s in range(0, P, step)
     ]
     for chunk in chunks:
-        bias = chunk.sq_norms * norm_coef
-        if chunk.log_mult is not None:
-            bias = bias + chunk.log_mult
+        bias = _chunk_bias(chunk, norm_coef)
         for i, block in enumerate(blocks):
             dots = None if chunk.dots is None else chunk.dots[:, i * step : (i + 1) * step]
             block.update(chunk, bias, alpha, dots)

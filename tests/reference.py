@@ -137,3 +137,27 @@ def random_8bit_images(n, c, h, w, *, seed=0, levels=4, background=0.75):
     grey = torch.randint(1, levels, (n, c, h, w), generator=g) * (255 // (levels - 1))
     ink = torch.rand(n, c, h, w, generator=g) > background
     return (grey * ink).to(torch.uint8)
+
+
+def softmax_chunk(
+    G, rows, M, E, *, generator, padding, dtype=torch.float32, scale=1.0, bias_scale=1.0
+):
+    """Random tensors of one candidate chunk, for the softmax-fold tests: values [G, rows, M] (query-
+    candidate products or candidate patches, candidates last) times `scale`, bias [G, M] times
+    `bias_scale` (log multiplicities included), centres with their row of ones [G, E + 1, M], and log
+    multiplicities [G, M] (group 1's last 3 candidates are padding, -inf) or None. Candidate 5 is an
+    exact tie of candidate 2: the first (smallest id) must win."""
+    g = generator
+    values = torch.randn(G, rows, M, generator=g, dtype=dtype) * scale
+    bias = torch.randn(G, M, generator=g, dtype=dtype) * bias_scale
+    centres = torch.cat([torch.randn(G, E, M, generator=g, dtype=dtype), torch.ones(G, 1, M)], 1)
+    log_mult = None
+    if padding:
+        log_mult = torch.log(torch.randint(1, 4, (G, M), generator=g).to(dtype))
+        log_mult[1:, -3:] = float("-inf")  # group 1 has 3 fewer candidates: padding
+        bias = bias + log_mult
+    values[:, :, 5] = values[:, :, 2]
+    bias[:, 5] = bias[:, 2]
+    if log_mult is not None:
+        log_mult[:, 5] = log_mult[:, 2]
+    return values, bias, centres.to(dtype), log_mult

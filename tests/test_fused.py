@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from reference import random_8bit_images, random_images, ref_denoise
+from reference import random_8bit_images, random_images, ref_denoise, softmax_chunk
 
 import els
 from els import fused
@@ -33,23 +33,10 @@ def interpreted(monkeypatch):
 
 def _chunks(G, D, E, padding, seed):
     g = torch.Generator().manual_seed(seed)
-    out = []
-    for i, M in enumerate((300, 70)):  # two chunks: the running max and its rescaling
-        patches_t = torch.randn(G, D, M, generator=g)
-        bias = torch.randn(G, M, generator=g) * 3
-        centres = torch.cat([torch.randn(G, E, M, generator=g), torch.ones(G, 1, M)], 1)
-        log_mult = None
-        if padding:
-            log_mult = torch.log(torch.randint(1, 4, (G, M), generator=g).float())
-            log_mult[1:, -3:] = float("-inf")  # group 1 has 3 fewer candidates: padding
-            bias = bias + log_mult
-        # exact ties between candidates: the first (smallest id) must win
-        patches_t[:, :, 5] = patches_t[:, :, 2]
-        bias[:, 5] = bias[:, 2]
-        if log_mult is not None:
-            log_mult[:, 5] = log_mult[:, 2]
-        out.append((patches_t, bias, centres, log_mult, 1000 * i))
-    return out
+    return [  # two chunks: the running max and its rescaling
+        (*softmax_chunk(G, D, M, E, generator=g, padding=padding, bias_scale=3.0), 1000 * i)
+        for i, M in enumerate((300, 70))
+    ]
 
 
 @interpreter

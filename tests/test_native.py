@@ -3,7 +3,7 @@ fallback to the torch fold where it cannot be built."""
 
 import pytest
 import torch
-from reference import random_images, ref_denoise
+from reference import random_images, ref_denoise, softmax_chunk
 
 import els
 from els import native
@@ -14,29 +14,14 @@ needs_native = pytest.mark.skipif(
 )
 
 
-def _chunk(G, P, M, E, dtype, seed, padding):
-    g = torch.Generator().manual_seed(seed)
-    products = torch.randn(G, P, M, generator=g, dtype=dtype) * 3
-    bias = torch.randn(G, M, generator=g, dtype=dtype)
-    centres = torch.cat([torch.randn(G, E, M, generator=g, dtype=dtype), torch.ones(G, 1, M)], 1)
-    log_mult = None
-    if padding:
-        log_mult = torch.log(torch.randint(1, 4, (G, M), generator=g).to(dtype))
-        log_mult[1:, -3:] = float("-inf")  # group 1 has 3 fewer candidates: padding
-        bias = bias + log_mult
-    # exact ties between candidates: the first (smallest id) must win
-    products[:, :, 5] = products[:, :, 2]
-    bias[:, 5] = bias[:, 2]
-    if log_mult is not None:
-        log_mult[:, 5] = log_mult[:, 2]
-    return products, bias, centres.to(dtype), log_mult
-
-
 def _fold_twice(use_native, monkeypatch, G, P, E, dtype, stats, padding, strided):
     monkeypatch.setenv("ELS_NATIVE", "1" if use_native else "0")
     state = RunningSoftmax.start(G, P, E, dtype, "cpu", stats)
     for i, M in enumerate((11, 7)):  # two chunks: the running max and rescaling
-        products, bias, centres, log_mult = _chunk(G, P, M, E, dtype, 10 + i, padding)
+        g = torch.Generator().manual_seed(10 + i)
+        products, bias, centres, log_mult = softmax_chunk(
+            G, P, M, E, generator=g, padding=padding, dtype=dtype, scale=3.0
+        )
         if strided:  # rows of a larger tensor, as a batch's image block is
             wide = torch.zeros(G, 2 * P, M, dtype=dtype)
             wide[:, P:] = products
