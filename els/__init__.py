@@ -1,10 +1,10 @@
 """Equivariant Local Score machines (Kamb & Ganguli, arXiv 2412.20292): analytic diffusion samplers
 that denoise each pixel with a softmax over training-set patches.
 
-Public API: `score`, `sample`, `PatchIndex` (+ `build_indexes`, `denoise`, `sample_reverse`).
+Public API: `score`, `sample`, `PatchIndex` (+ `denoise`, `sample_reverse`).
 """
 
-from .api import Trajectory, build_indexes, sample
+from .api import Trajectory, sample, schedule_patch_sizes
 from .index import MACHINES, PatchIndex, PatchIndexError
 from .machines import (
     Provenance,
@@ -24,13 +24,13 @@ __all__ = [
     "Provenance",
     "Trajectory",
     "bbels_score",
-    "build_indexes",
     "denoise",
     "els_score",
     "ideal_score",
     "ls_score",
     "sample",
     "sample_reverse",
+    "schedule_patch_sizes",
     "score",
 ]
 __version__ = "0.1.0"

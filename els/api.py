@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from .index import MACHINES, PatchIndex, PatchIndexError, check_patch_size
-from .machines import DEFAULT_MEMORY_BUDGET, Provenance, denoise
+from .machines import Provenance, denoise
 from .sampler import sample_reverse
 from .scales import validate_scales
 
@@ -31,21 +30,13 @@ def schedule_patch_sizes(kind: str, scales: Sequence[int]) -> list[int]:
     return [0] if kind == "ideal" else sorted(set(scales[1:]))
 
 
-def build_indexes(kind: str, train: torch.Tensor, scales: Sequence[int], **build_options):
-    """One PatchIndex per distinct patch size used by the schedule."""
-    return {
-        k: PatchIndex.build(train, kind, k, **build_options)
-        for k in schedule_patch_sizes(kind, scales)
-    }
-
-
 def sample(
     kind: str,
     train: torch.Tensor | None,
     scales: Sequence[int],
     noise: torch.Tensor,
     *,
-    indexes: Mapping[int, PatchIndex] | None = None,
+    index: PatchIndex | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
     memory_budget: int | None = None,
@@ -53,26 +44,14 @@ def sample(
     provenance: bool = False,
     callback=None,
     disable: bool | None = None,
-    mode: str = "exact",
-    fast_fraction: float = 0.25,
-    fast_exact_below: float = 0.0,
-    fast_seed: int = 0,
-    materialize: bool = False,
 ):
     """Sample with machine `kind` from noise [B, C, H, W], patch size scales[i] at step i.
 
-    train: [N, C, H, W] uint8 or float in [-1, 1] (may be None when `indexes` covers every k).
-    indexes: prebuilt PatchIndex per k (from build_indexes or PatchIndex.load) to reuse across calls.
+    train: [N, C, H, W] uint8 or float in [-1, 1] (may be None when `index` is given).
+    index: a PatchIndex serving every k of the schedule (PatchIndex.build or .load), to reuse.
+    noise: finite float [B, C, H, W] (N(0, I)); dtype: float32 (default) or float64.
     Returns the final images [B, C, H, W] (dtype, on device), or (images, Trajectory) with
     return_trajectory=True; provenance=True also records each step's Provenance in the trajectory.
-
-    mode: 'exact' (default: the softmax over every candidate) or 'fast' (opt-in, approximate): at
-    steps with t >= fast_exact_below the candidates are those of a fixed random subset of
-    ceil(fast_fraction * N) training images (chosen by fast_seed; the softmax over a uniform
-    subsample is the ratio estimator of the full one), exact below. Provenance image ids always
-    refer to the full training set.
-    materialize: keep each patch size's candidates as explicit floats while its steps run
-    (PatchIndex.materialize; only where they fit in a quarter of memory_budget).
     """
     if kind not in MACHINES:
         raise PatchIndexError(f"unknown machine {kind!r}; expected one of {', '.join(MACHINES)}")
@@ -81,52 +60,30 @@ def sample(
     x = noise.to(device=device, dtype=dtype)
     H, W = x.shape[-2:]
     needed = schedule_patch_sizes(kind, scales)
-    for k in needed:
-        if kind != "ideal":
+    if kind != "ideal":
+        for k in needed:
             check_patch_size(kind, k, H, W)
-    indexes = dict(indexes or {})
-    missing = [k for k in needed if k not in indexes]
-    if missing:
+    if index is None:
         if train is None:
-            raise PatchIndexError(f"no index given for k={missing} and no training images")
-        # block plans serve the CPU's certified pruning only (see els.machines._prunes)
-        plans = "auto" if device.type == "cpu" else False
-        indexes.update({k: PatchIndex.build(train, kind, k, blocks=plans) for k in missing})
-    on_device = {k: indexes[k].to(device) for k in needed}
-    for k in needed:
-        on_device[k].check(kind, k)
-    if mode not in ("exact", "fast"):
-        raise ValueError(f"mode={mode!r}: expected 'exact' or 'fast'")
-    subset, fast = None, {}
-    if mode == "fast":
-        if not 0.0 < fast_fraction <= 1.0:
-            raise ValueError(f"fast_fraction={fast_fraction} must be in (0, 1]")
-        full = train if train is not None else on_device[needed[0]].images
-        N = full.shape[0]
-        gen = torch.Generator().manual_seed(fast_seed)
-        subset = torch.randperm(N, generator=gen)[: max(1, math.ceil(fast_fraction * N))]
-        subset = subset.sort().values
-        fast_train = full.cpu()[subset]
-        # no block plans: building them costs more than a fast sample's pruning would save
-        fast = {k: PatchIndex.build(fast_train, kind, k, blocks=False).to(device) for k in needed}
-        subset = subset.to(device)
-    budget = memory_budget or DEFAULT_MEMORY_BUDGET
-    current = {}
+            raise PatchIndexError("give the training images (train) or a PatchIndex (index)")
+        index = PatchIndex.build(train, kind, needed)
+    missing = [k for k in needed if k not in index.ks]
+    if index.machine != kind or missing:
+        raise PatchIndexError(
+            f"the index is for machine {index.machine!r} at k={list(index.ks)}; the schedule "
+            f"needs {kind!r} at k={needed}" + (f" (missing {missing})" if missing else "")
+        )
+    index = index.to(device)
 
     def denoiser(x, t, k):
-        key = 0 if kind == "ideal" else k
-        use_fast = mode == "fast" and t >= fast_exact_below
-        idx = fast[key] if use_fast else on_device[key]
-        if current.get("index") is not idx:
-            # one patch size's explicit candidates (materialised, candidate blocks) at a time
-            if current.get("index") is not None:
-                current["index"].release()
-            if materialize and idx.materialized_bytes(dtype) <= budget // 4:
-                idx.materialize(dtype, device)
-            current["index"] = idx
-        out = denoise(idx, x, t, memory_budget=memory_budget, return_provenance=provenance)
-        if provenance and use_fast:
-            out[1].image = subset[out[1].image]
+        out = denoise(
+            index,
+            x,
+            t,
+            None if kind == "ideal" else k,
+            memory_budget=memory_budget,
+            return_provenance=provenance,
+        )
         return (out[0], {"provenance": out[1]}) if provenance else out
 
     trajectory = Trajectory() if return_trajectory else None
@@ -148,6 +105,5 @@ def sample(
     try:
         out = sample_reverse(denoiser, x, scales, callback=record, disable=disable)
     finally:
-        if current.get("index") is not None:
-            current["index"].release()
+        index.release()
     return (out, trajectory) if return_trajectory else out

@@ -132,7 +132,7 @@ def random_images(n, c, h, w, *, seed=0, dtype=torch.float64):
 
 def random_8bit_images(n, c, h, w, *, seed=0, levels=4, background=0.75):
     """uint8 images: mostly black background with a few grey levels, like FashionMNIST's edges, so that
-    identical patches (deduplication) are common."""
+    identical patches are common."""
     g = torch.Generator().manual_seed(seed)
     grey = torch.randint(1, levels, (n, c, h, w), generator=g) * (255 // (levels - 1))
     ink = torch.rand(n, c, h, w, generator=g) > background

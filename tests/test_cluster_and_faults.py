@@ -369,42 +369,31 @@ def test_one_core_gives_the_same_bytes_as_two(reference, images, tmp_path):
     assert_same_files(reference.workdir, workdir, only="samples")
 
 
-def test_fast_mode_from_the_config_is_the_librarys_fast_sample(reference, images, tmp_path):
-    """sampling.mode: fast reaches els.sample(mode='fast'), is recorded in the metadata and gives
-    another image than exact mode (the tiny class has 6 images: a half is 3 of them)."""
+def test_the_pipelines_sample_is_the_librarys_sample(reference, images, tmp_path):
+    """The batch file equals els.sample on the saved index with the pipeline's noise."""
     import els
     from els.noise import noise_for
     from els.scales import read_scales
 
-    workdir = fresh_workdir(tmp_path, images, reference, mode="fast", fast_fraction=0.5)
-    run_snakemake(workdir, "--cores", "2", BATCH)
-    fast, meta = read_safetensors(workdir / BATCH)
-    assert meta["mode"] == "fast"
-    assert json.loads(meta["fast"]) == {"fraction": 0.5, "exact_below": 0.0}
-    exact, exact_meta = read_safetensors(reference.workdir / BATCH)
-    assert exact_meta["mode"] == "exact" and json.loads(exact_meta["fast"]) is None
-    assert not torch.equal(fast["image"], exact["image"])
-    index_dir = workdir / f"results/index/{DATASET}/bbels/0"
-    indexes = {int(p.stem[1:]): els.PatchIndex.load(p) for p in index_dir.glob("k*.safetensors")}
-    shape = next(iter(indexes.values())).images.shape[1:]
+    batch, _ = read_safetensors(reference.workdir / BATCH)
+    index = els.PatchIndex.load(reference.workdir / f"results/index/{DATASET}/bbels/0.safetensors")
+    shape = index.images.shape[1:]
     noise = torch.stack([noise_for(DATASET, "0", s, shape) for s in (0, 1)])
     direct = els.sample(
         "bbels",
         None,
-        read_scales(workdir / "scales" / "tiny.txt"),
+        read_scales(reference.workdir / "scales" / "tiny.txt"),
         noise,
-        indexes=indexes,
+        index=index,
         disable=True,
-        mode="fast",
-        fast_fraction=0.5,
     )
-    assert torch.equal(fast["image"], direct)
+    assert torch.equal(batch["image"], direct)
 
 
 def test_seeds_sampled_alone_equal_seeds_sampled_together(reference, images, tmp_path):
     """Seeds 0 and 1 sampled in one job (batch seeds0-1) and each alone (batches seeds0-0, seeds1-1),
     in float32 (the default dtype): the same noise, images within 1e-6 (in fact bit-identical: the
-    products run per image, see els.softmax), the same metadata but for the seeds."""
+    products run per image, see els/csrc/patch_softmax.h), the same metadata but for the seeds."""
     workdir = fresh_workdir(tmp_path, images, reference)
     batches = f"results/samples/{DATASET}/bbels/0/batches"
     run_snakemake(

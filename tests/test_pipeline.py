@@ -301,18 +301,13 @@ def test_batches_of_one_have_the_same_noise_and_nearly_the_same_samples(tiny_run
 def _batch_difference(workdir: Path, machine: str, cls: str, dtype: torch.dtype) -> float:
     """max |sample alone - sample in a batch of two|, sampled as the sample_batch rule does."""
     import els
-    from els.config import index_patch_sizes
     from els.noise import noise_for
     from els.scales import read_scales
 
-    config = yaml.safe_load((workdir / "config.yaml").read_text())
     scales = read_scales(workdir / "scales" / "tiny.txt")
-    indexes = {
-        k: els.PatchIndex.load(workdir / f"results/index/MNIST/{machine}/{cls}/k{k}.safetensors")
-        for k in index_patch_sizes(config, "MNIST", machine, root=workdir)
-    }
+    index = els.PatchIndex.load(workdir / f"results/index/MNIST/{machine}/{cls}.safetensors")
     noise = torch.stack([noise_for("MNIST", cls, s, (1, 32, 32)) for s in (0, 1)])
-    run = lambda x: els.sample(machine, None, scales, x, indexes=indexes, dtype=dtype, disable=True)  # noqa: E731
+    run = lambda x: els.sample(machine, None, scales, x, index=index, dtype=dtype, disable=True)  # noqa: E731
     pair = run(noise)
     return max(float((run(noise[s : s + 1])[0] - pair[s]).abs().max()) for s in (0, 1))
 

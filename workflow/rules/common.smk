@@ -45,7 +45,7 @@ wildcard_constraints:
 
 TRAIN = "results/data/{dataset}/train.safetensors"
 META = "results/data/{dataset}/meta.json"
-INDEX = "results/index/{dataset}/{machine}/{cls}/k{k}.safetensors"
+INDEX = "results/index/{dataset}/{machine}/{cls}.safetensors"
 BATCH = "results/samples/{dataset}/{machine}/{cls}/batches/{batch}.safetensors"
 SAMPLE = "results/samples/{dataset}/{machine}/{cls}/seed{seed}.safetensors"
 SAMPLE_PNG = "results/samples/{dataset}/{machine}/{cls}/seed{seed}.png"
@@ -95,15 +95,9 @@ def schedule_of(wildcards):
     return plan.schedule_file(config, wildcards.dataset, wildcards.machine)
 
 
-def index_files(wildcards):
-    """Every index the schedule of (dataset, machine) needs, for this class."""
-    ks = plan.index_patch_sizes(config, wildcards.dataset, wildcards.machine)
-    return {
-        f"k{k}": INDEX.format(
-            dataset=wildcards.dataset, machine=wildcards.machine, cls=wildcards.cls, k=k
-        )
-        for k in ks
-    }
+def index_patch_sizes(wildcards):
+    """The k of every patch size the schedule of (dataset, machine) uses ([0] for ideal)."""
+    return plan.index_patch_sizes(config, wildcards.dataset, wildcards.machine)
 
 
 def batch_of_seed(wildcards):

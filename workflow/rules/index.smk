@@ -1,5 +1,5 @@
-# Stage 2: one PatchIndex per (dataset, machine, class or `all`, k of the machine's schedule), built
-# once from the class's first max_train_per_class training images (k0 for the ideal score).
+# Stage 2: one PatchIndex per (dataset, machine, class or `all`), serving every patch size of the
+# machine's schedule, built from the class's first max_train_per_class training images.
 
 
 rule build_index:
@@ -8,9 +8,9 @@ rule build_index:
     output:
         index=INDEX,
     log:
-        "logs/build_index/{dataset}/{machine}/{cls}/k{k}.log",
+        "logs/build_index/{dataset}/{machine}/{cls}.log",
     benchmark:
-        "logs/benchmarks/build_index/{dataset}/{machine}/{cls}/k{k}.tsv"
+        "logs/benchmarks/build_index/{dataset}/{machine}/{cls}.tsv"
     conda:
         "../envs/els.yaml"
     threads: stage("index", "threads")
@@ -19,5 +19,6 @@ rule build_index:
         runtime=stage("index", "runtime"),
     params:
         max_train_per_class=lambda wc: dataset_config(wc).get("max_train_per_class"),
+        ks=index_patch_sizes,
     script:
         "../scripts/build_index.py"

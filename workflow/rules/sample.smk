@@ -6,7 +6,7 @@
 
 rule sample_batch:
     input:
-        unpack(index_files),
+        index=INDEX,
         schedule=schedule_of,
     output:
         batch=BATCH,
@@ -22,9 +22,6 @@ rule sample_batch:
         runtime=stage("sample", "runtime"),
     params:
         dtype=SAMPLING.get("dtype", "float32"),
-        mode=SAMPLING.get("mode", "exact"),
-        fast_fraction=SAMPLING.get("fast_fraction", 0.25),
-        fast_exact_below=SAMPLING.get("fast_exact_below", 0.0),
         trajectory=TRAJECTORY,
         provenance=PROVENANCE,
         max_train_per_class=lambda wc: dataset_config(wc).get("max_train_per_class"),

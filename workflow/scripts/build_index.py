@@ -1,4 +1,5 @@
-"""Rule build_index: load the class's training images, els.PatchIndex.build, save."""
+"""Rule build_index: load the class's training images, els.PatchIndex.build for the schedule's
+patch sizes, save."""
 
 import time
 
@@ -16,10 +17,9 @@ with log_to(snakemake.log[0]):
         snakemake.input.train, cls=cls, max_per_class=snakemake.params.max_train_per_class
     )
     start = time.perf_counter()
-    index = els.PatchIndex.build(images, wc.machine, int(wc.k))
+    index = els.PatchIndex.build(images, wc.machine, list(snakemake.params.ks))
     index.save(snakemake.output.index)  # atomic (temporary file, then rename)
     print(
-        f"{wc.dataset} {wc.machine} class {wc.cls} k={wc.k}: {images.shape[0]} training images, "
-        f"{index.stored_candidate_count()} stored of {index.candidate_count()} candidates, "
-        f"{time.perf_counter() - start:.1f} s"
+        f"{wc.dataset} {wc.machine} class {wc.cls} k={list(index.ks)}: {images.shape[0]} "
+        f"training images, {time.perf_counter() - start:.1f} s"
     )

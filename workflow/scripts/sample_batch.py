@@ -1,4 +1,4 @@
-"""Rule sample_batch: load the indexes, noise per seed, one els.sample call for the whole batch."""
+"""Rule sample_batch: load the index, noise per seed, one els.sample call for the whole batch."""
 
 import json
 import time
@@ -19,15 +19,8 @@ with log_to(snakemake.log[0]):
     device = resolve_device(sampling.get("device", "auto"))
     dtype = resolve_dtype(snakemake.params.dtype)
     scales = read_scales(snakemake.input.schedule)
-    indexes = {}
-    for name, path in snakemake.input.items():
-        if name.startswith("k"):
-            k = int(name[1:])
-            indexes[k] = els.PatchIndex.load(path, machine=wc.machine, k=k)
-    fingerprints = {index.fingerprint for index in indexes.values()}
-    if len(fingerprints) != 1:
-        raise RuntimeError(f"the indexes {list(snakemake.input)} come from different training sets")
-    shape = next(iter(indexes.values())).images.shape  # [N, C, H, W]
+    index = els.PatchIndex.load(snakemake.input.index, machine=wc.machine)
+    shape = index.images.shape  # [N, C, H, W]
     seeds = seeds_of_batch(wc.batch)
     noise = torch.stack([noise_for(wc.dataset, wc.cls, s, shape[1:]) for s in seeds])
     print(
@@ -40,16 +33,13 @@ with log_to(snakemake.log[0]):
         None,
         scales,
         noise,
-        indexes=indexes,
+        index=index,
         device=device,
         dtype=dtype,
         memory_budget=int(float(sampling.get("memory_budget_gb", 2)) * 2**30),
         return_trajectory=True,
         provenance=snakemake.params.provenance,
         disable=False,  # tqdm bar in the log
-        mode=snakemake.params.mode,
-        fast_fraction=float(snakemake.params.fast_fraction),
-        fast_exact_below=float(snakemake.params.fast_exact_below),
     )
     runtime = time.perf_counter() - start
     tensors = {"noise": noise, "image": images.float().cpu()}
@@ -75,15 +65,6 @@ with log_to(snakemake.log[0]):
             "k": json.dumps(trajectory.k),
             "device": str(device),
             "dtype": snakemake.params.dtype,
-            "mode": snakemake.params.mode,
-            "fast": json.dumps(
-                {
-                    "fraction": float(snakemake.params.fast_fraction),
-                    "exact_below": float(snakemake.params.fast_exact_below),
-                }
-                if snakemake.params.mode == "fast"
-                else None
-            ),
             "threads": str(snakemake.threads),
             "els_version": els.__version__,
             "torch_version": torch.__version__,
@@ -91,7 +72,7 @@ with log_to(snakemake.log[0]):
             "schedule_scales": json.dumps(scales),
             "max_train_per_class": json.dumps(snakemake.params.max_train_per_class),
             "n_train": str(shape[0]),
-            "index_fingerprint": fingerprints.pop(),
+            "index_fingerprint": index.fingerprint,
         },
     )
     # the sampling time is only logged (and in the rule benchmark): outputs hold no timings, so

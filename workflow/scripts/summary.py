@@ -49,7 +49,6 @@ with log_to(snakemake.log[0]):
                 "batch_seeds": meta["batch_seeds"],
                 "device": meta["device"],
                 "dtype": meta["dtype"],
-                "mode": meta.get("mode", "exact"),
                 "n_sources": mosaic.get("n_sources"),
                 "top_source_share": mosaic.get("top_source_share"),
                 "mean_dominant_weight": mosaic.get("mean_dominant_weight"),
