@@ -168,3 +168,10 @@ def test_the_schema_lists_no_machine_names_itself():
     raw = yaml.safe_load(settings.SCHEMA_PATH.read_text())
     assert "enum" not in raw["$defs"]["machine"]
     assert settings.schema()["$defs"]["machine"]["enum"][: len(els.MACHINES)] == list(els.MACHINES)
+
+
+def test_the_library_default_search_folders_are_the_schema_default():
+    """els.data.prepare_dataset's own default (for library use) is the schema's data.local_dirs."""
+    from els.data import DEFAULT_LOCAL_DIRS
+
+    assert settings.defaults("data", "local_dirs") == list(DEFAULT_LOCAL_DIRS)

@@ -7,7 +7,9 @@ from els import settings
 
 # the workflow's own folder (Snakefile, scales/): workflow.basedir is the user's Snakefile's folder
 # when this workflow is used as a module, so it is found from this file
-WORKFLOW_DIR = Path(workflow.current_basedir.get_path_or_uri(secret_free=True)).parents[1]
+WORKFLOW_DIR = Path(workflow.current_basedir.get_path_or_uri(secret_free=True)).parents[
+    1
+]
 # the schema fills in every default, so the code below reads config values without fallbacks
 plan.start_checks(config, workflow.configfiles, WORKFLOW_DIR)
 
@@ -33,10 +35,9 @@ wildcard_constraints:
     key=r"[0-9a-f]{16}",
 
 
-PREPARED_DIR = "results/data/{dataset}/inputs/{key}"
-PREPARED_MANIFEST = PREPARED_DIR + "/inputs.json"
-PREPARED = PREPARED_DIR + "/train.safetensors"
-PREPARED_META = PREPARED_DIR + "/meta.json"
+PREPARED_MANIFEST = "results/data/{dataset}/inputs/{key}/inputs.json"
+PREPARED = "results/data/{dataset}/inputs/{key}/train.safetensors"
+PREPARED_META = "results/data/{dataset}/inputs/{key}/meta.json"
 TRAIN = "results/data/{dataset}/train.safetensors"
 META = "results/data/{dataset}/meta.json"
 INDEX = "results/index/{dataset}/{machine}/{cls}/k{k}.safetensors"
@@ -59,19 +60,16 @@ SAMPLES = plan.planned_samples(config)
 DATA_KEYS = plan.data_keys(config)
 
 
-def prepared_of(name):
-    """Input function: a file of the prepared version of the dataset's current input key."""
+def prepared_of(pattern):
+    """Input function: a file (PREPARED or PREPARED_META) of the dataset's current input key."""
 
     def path(wildcards):
         if wildcards.dataset not in DATA_KEYS:
             raise plan.ConfigError(
                 f"dataset {wildcards.dataset!r} is not in the config (datasets: or cnn.dataset)"
             )
-        return (
-            PREPARED_DIR.format(
-                dataset=wildcards.dataset, key=DATA_KEYS[wildcards.dataset]
-            )
-            + f"/{name}"
+        return pattern.format(
+            dataset=wildcards.dataset, key=DATA_KEYS[wildcards.dataset]
         )
 
     return path

@@ -41,8 +41,8 @@ rule prepare_data:
 
 rule select_data:
     input:
-        train=prepared_of("train.safetensors"),
-        meta=prepared_of("meta.json"),
+        train=prepared_of(PREPARED),
+        meta=prepared_of(PREPARED_META),
     output:
         train=TRAIN,
         meta=META,
@@ -50,6 +50,8 @@ rule select_data:
         "logs/select_data/{dataset}.log",
     benchmark:
         "logs/benchmarks/select_data/{dataset}.tsv"
+    conda:
+        "../envs/els.yaml"
     threads: 1
     resources:
         mem_mb=1000,
