@@ -6,8 +6,13 @@ PY := $(VENV)/bin/python
 CONFIG ?= config.yaml
 CORES ?= all
 SNAKEMAKE := $(PY) -m snakemake --cores $(CORES) --workflow-profile workflow/profiles/default
+# the config files first (a YAML error with its file and line), then Snakemake; when Snakemake fails
+# and left a lock (a run that was killed), say the one command that clears it
+CHECK_CONFIG := $(PY) -m els.settings $(CONFIG)
+LOCK_HINT := if [ -n "$$(ls -A .snakemake/locks 2>/dev/null)" ]; then echo; \
+	echo "Snakemake found a lock in .snakemake/locks. If no other run is using this folder (e.g. the last one was interrupted), clear it with: make unlock   (then rerun make run)"; fi
 
-.PHONY: setup run report dry-run test lint clean
+.PHONY: setup run report dry-run unlock test lint clean
 
 # The virtual environment: CPU/CUDA torch from PyPI first (pinned), then this package with the
 # workflow and test tools (pyproject.toml's `dev` extra). Redone when pyproject.toml changes.
@@ -23,7 +28,8 @@ setup: $(VENV)/.installed
 # FashionMNIST is found by the data rule: torchvision's download, else a local copy in
 # data.local_dirs (default /usr/share/datasets/fashion-mnist), else apt-get (as root).
 run: setup
-	$(SNAKEMAKE) --configfile $(CONFIG)
+	@$(CHECK_CONFIG)
+	$(SNAKEMAKE) --configfile $(CONFIG) || { status=$$?; $(LOCK_HINT); exit $$status; }
 	$(SNAKEMAKE) --configfile $(CONFIG) --report results/report.html
 	@echo "done: results/summary.csv, results/figures/, results/report.html"
 
@@ -31,7 +37,12 @@ report: setup
 	$(SNAKEMAKE) --configfile $(CONFIG) --report results/report.html
 
 dry-run: setup
-	$(SNAKEMAKE) --configfile $(CONFIG) --dry-run
+	@$(CHECK_CONFIG)
+	$(SNAKEMAKE) --configfile $(CONFIG) --dry-run || { status=$$?; $(LOCK_HINT); exit $$status; }
+
+# after an interrupted run: remove Snakemake's stale lock (results stay; rerun make run)
+unlock: setup
+	$(SNAKEMAKE) --configfile $(CONFIG) --unlock
 
 test: setup
 	$(PY) -m pytest

@@ -1,9 +1,21 @@
 # ELS reproduction pipeline: data -> index -> sample -> neighbours -> figures/summary.
 #   snakemake --cores all --workflow-profile workflow/profiles/default [--configfile FILE]
-# See README.md (config keys, output layout, partial reruns).
+# See README.md (config keys, output layout, partial reruns) and docs/robust-runs.md.
+from snakemake.utils import min_version
+
+from els.settings import check_files
+
+min_version("8.20")
+
+# Snakemake's own message for a broken YAML file names neither the file nor the line; a file given
+# with --configfile is read before this line runs, so `make` and the `els` command check it first
+check_files(["config.yaml"])
 
 
 configfile: "config.yaml"
+
+
+report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"

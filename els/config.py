@@ -20,7 +20,6 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-MACHINES = ("ideal", "ls", "els", "bbels")
 TORCHVISION_DATASETS = {"MNIST": 1, "FashionMNIST": 1, "CIFAR10": 3}  # name: channels
 TORCHVISION_CLASSES = 10
 BATCH_PATTERN = re.compile(r"seeds(\d+)-(\d+)")
@@ -100,9 +99,11 @@ def planned_samples(config: Mapping) -> list[SampleKey]:
 
 
 def machines_of(ds: Mapping) -> list[str]:
-    """Machines a dataset uses (main grid and comparison), in MACHINES order."""
+    """Machines a dataset uses (main grid and comparison), in els.settings.machine_kinds() order."""
+    from .settings import machine_kinds
+
     used = set(ds["machines"]) | set(comparison(ds)[2])
-    return [m for m in MACHINES if m in used]
+    return [m for m in machine_kinds() if m in used]
 
 
 def schedule_file(config: Mapping, dataset: str, machine: str) -> str:
@@ -129,6 +130,34 @@ def index_patch_sizes(
 
 
 # ----------------------------------------------------------------------------- checks
+
+
+def start_checks(config: dict, configfiles=(), workflow_dir: str | Path | None = None) -> None:
+    """Everything the workflow checks before its first job, in place on `config`: the schema (and its
+    defaults), schedule paths resolved (working directory, then the workflow's folder), then
+    `check_config`. Raises ConfigError with every message on its own line."""
+    from .settings import ConfigFileError, check_files, validate
+
+    try:
+        check_files(configfiles)
+        validate(config, [str(f) for f in configfiles])
+    except ConfigFileError as err:
+        raise ConfigError(str(err)) from None
+    if workflow_dir is not None:
+        resolve_schedules(config, Path(workflow_dir))
+    check_config(config)
+
+
+def resolve_schedules(config: Mapping, workflow_dir: Path) -> None:
+    """A relative schedule path missing from the working directory is taken from the workflow's
+    folder (where scales/ ships), so a config works unchanged when the workflow is a module."""
+    for ds in (config.get("datasets") or {}).values():
+        schedules = ds.get("schedules") or {}
+        for machine, path in schedules.items():
+            if not Path(path).is_absolute() and not Path(path).exists():
+                shipped = workflow_dir / path
+                if shipped.exists():
+                    schedules[machine] = str(shipped)
 
 
 def check_config(config: Mapping, root: str | Path = ".") -> None:
@@ -190,6 +219,40 @@ def check_config(config: Mapping, root: str | Path = ".") -> None:
                         check_patch_size(machine, k, IMAGE_SIZE, IMAGE_SIZE)
                     except ValueError as err:
                         raise ConfigError(f"{where}.schedules.{machine} ({path}): {err}") from None
+
+
+def data_keys(config: Mapping, root: str | Path = ".") -> dict[str, str]:
+    """The input key of every dataset the config prepares (els.inputs), after checking the data at
+    start-up: an image folder must exist and hold every class id the config names (including
+    the comparison's). Raises ConfigError naming the key."""
+    from .inputs import DataInputError, class_count, manifest, record
+
+    names = dict.fromkeys(config.get("datasets") or {})
+    cnn = config.get("cnn") or {}
+    if cnn.get("dataset"):
+        names[cnn["dataset"]] = None
+    keys = {}
+    for name in names:
+        ds = (config.get("datasets") or {}).get(name) or {}
+        try:
+            content = manifest(name, ds, Path(root))
+        except DataInputError as err:
+            raise ConfigError(str(err)) from None
+        count = class_count(content)
+        if count is not None and ds.get("conditional", True):
+            comp = ds.get("comparison") or {}
+            for where, ids in (
+                ("classes", ds.get("classes")),
+                ("comparison.classes", comp.get("classes")),
+            ):
+                bad = [c for c in ids or [] if c >= count]
+                if bad:
+                    raise ConfigError(
+                        f"datasets.{name}.{where}: class ids {bad} do not exist; {ds['path']} has "
+                        f"{count} class(es), ids 0..{count - 1} ({', '.join(content['class_names'])})"
+                    )
+        keys[name] = record(name, content, Path(root))
+    return keys
 
 
 # ----------------------------------------------------------------------------- runtime helpers

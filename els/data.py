@@ -211,6 +211,22 @@ def load_prepared(
     return images[indices], labels[indices]
 
 
+def pinned_raw_files(dataset: str) -> dict[str, str]:
+    """The hashes a torchvision dataset's raw files must match before they are read (file: hash):
+    the recorded sha256 of the decompressed FashionMNIST files, torchvision's md5s otherwise."""
+    name = _canonical_name(dataset)
+    if name == "CIFAR10":
+        return {file: f"md5:{md5}" for file, md5 in sorted(_cifar10_md5s().items())}
+    if name in RECORDED_SHA256:
+        return {file: f"sha256:{h}" for file, h in sorted(RECORDED_SHA256[name].items())}
+    spec = IDX_SPECS[name]
+    return {
+        archive: f"md5:{md5}"
+        for url, md5 in getattr(torchvision.datasets, name).resources
+        if (archive := os.path.basename(url)).startswith((spec.images_file, spec.labels_file))
+    }
+
+
 def class_names(path: str | os.PathLike) -> list[str]:
     """Class names of a prepared file; class id i is ``class_names(path)[i]``."""
     return json.loads(_read_metadata(Path(path))["class_names"])
@@ -472,7 +488,7 @@ def _require_md5(path: Path, expected: str, what: str) -> None:
     if actual != expected:
         raise DatasetCorrupt(
             f"{path}: md5 {actual} does not match {what} ({expected}); the file is truncated, "
-            "corrupted or a different version. Replace it (nothing was deleted)."
+            "corrupted or a different version. Replace it (this file was left in place)."
         )
 
 
@@ -486,7 +502,7 @@ def _read_raw_bytes(path: Path) -> bytes:
     except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as err:
         raise DatasetCorrupt(
             f"{path}: cannot decompress ({type(err).__name__}: {err}); the file is truncated or "
-            "corrupted. Replace it (nothing was deleted)."
+            "corrupted. Replace it (this file was left in place)."
         ) from err
 
 
@@ -508,7 +524,7 @@ def _verify_idx_content(name: str, file: str, path: Path, content: bytes) -> tup
             raise DatasetCorrupt(
                 f"{path}: decompressed sha256 {actual} does not match the recorded {name} {file} "
                 f"sha256 {expected}; the file is truncated, corrupted or not {name}. Replace it "
-                "(nothing was deleted)."
+                "(this file was left in place)."
             )
         return actual, "sha256 (recorded)"
     for other, recorded in RECORDED_SHA256.items():
@@ -618,7 +634,7 @@ def _read_cifar10(
 
 def _read_image_folder(folder: Path, channels: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Read an image folder (class subfolders, or flat = one class). CelebA is read this way."""
-    files, labels, names = _list_image_folder(folder)
+    files, labels, names = list_image_folder(folder)
     _require_one_size(files, folder)
     mode = "L" if channels == 1 else "RGB"
     pil_images = (_open_converted(path, mode) for path in files)
@@ -626,7 +642,9 @@ def _read_image_folder(folder: Path, channels: int) -> tuple[np.ndarray, np.ndar
     return resized, np.asarray(labels, dtype=np.int64), names
 
 
-def _list_image_folder(folder: Path) -> tuple[list[Path], list[int], list[str]]:
+def list_image_folder(folder: Path) -> tuple[list[Path], list[int], list[str]]:
+    """(image files, class ids, class names) of an image folder, in the order they are read:
+    one sorted subfolder per class, or a flat folder (one class named after the folder)."""
     if not folder.is_dir():
         raise DatasetUnavailable(f"image folder {folder} does not exist (check the dataset path)")
     subfolders = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))

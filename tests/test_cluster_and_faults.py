@@ -102,7 +102,8 @@ def test_reference_run_writes_every_output_atomically(reference, tmp_path_factor
     writing under its final name, by any process of the run (Python audit hooks)."""
     audit = reference_audit(tmp_path_factory)
     outputs = {str(p) for p in result_files(reference.workdir).values()}
-    assert len(outputs) == 16, sorted(outputs)  # the 10 jobs' outputs
+    # the 11 jobs' outputs and the data's input manifest (results/data/Tiny/inputs/<key>/inputs.json)
+    assert len(outputs) == 19, sorted(outputs)
     renamed = {e["path"] for e in audit if e["event"] == "rename"}
     written_in_place = {e["path"] for e in audit if e["event"] == "write"} & outputs
     assert written_in_place == set(), f"opened for writing under the final name: {written_in_place}"
@@ -697,14 +698,21 @@ def test_tiny_workflow_on_slurm_is_byte_identical_to_the_local_run(slurm_run, re
     assert slurm_run["process"].returncode == 0, output[-6000:]
     print(f"\nSLURM run of the tiny workflow: {slurm_run['seconds']:.1f} s wall")
     jobids = re.findall(r"submitted with SLURM jobid (\d+)", output)
-    # prepare_data, build_index, sample_batch, 2 per-seed groups, grid_figure, summary
-    assert len(jobids) == 7, output[-4000:]
+    # prepare_data, select_data, build_index, sample_batch, 2 per-seed groups, grid_figure, summary
+    assert len(jobids) == 8, output[-4000:]
     rows = sacct_rows(jobids)
     assert sorted(rows) == sorted(jobids)
     assert {r["State"] for r in rows.values()} == {"COMPLETED"}, rows
     assert {r["ExitCode"] for r in rows.values()} == {"0:0"}
     comments = sorted(r["Comment"] for r in rows.values())
-    for rule in ("prepare_data", "build_index", "sample_batch", "grid_figure", "summary"):
+    for rule in (
+        "prepare_data",
+        "select_data",
+        "build_index",
+        "sample_batch",
+        "grid_figure",
+        "summary",
+    ):
         assert sum(c.startswith(f"rule_{rule}") for c in comments) == 1, comments
     assert sum("per_seed" in c for c in comments) == 2, comments
     # the rule's resources (config `resources:`) became the job's allocation
@@ -713,6 +721,6 @@ def test_tiny_workflow_on_slurm_is_byte_identical_to_the_local_run(slurm_run, re
     assert batch["Timelimit"] == "00:10:00"
     # SLURM's own logs where the README says
     logs = sorted((workdir / "logs" / "slurm").rglob("*.log"))
-    assert len(logs) == 7 and {p.stem for p in logs} == set(jobids)
+    assert len(logs) == 8 and {p.stem for p in logs} == set(jobids)
     assert_same_files(reference.workdir, workdir)
     assert temporaries(workdir) == []

@@ -632,7 +632,7 @@ def test_cnn_section_is_validated_at_workflow_start():
     good = {"dataset": "FashionMNIST", "classes": [0], "models": {"m": {"model": {}}}}
     assert CnnRules(good).resource("train", "threads") == 4
     bad = [
-        ({**good, "epochs": 3}, "unknown keys"),
+        ({**good, "epochs": 3}, "cnn.epochs: unknown key"),
         ({**good, "models": {"m": {"model": {"arch": "vgg"}}}}, "arch"),
         ({**good, "train": {"learning_rate": 1}}, "unknown training config keys"),
         ({**good, "calibration": {"seeds": [0]}, "evaluation": {"seeds": [0, 1]}}, "overlap"),

@@ -13,27 +13,6 @@ STAGE_KEYS = {
     "sample": [*DATA_KEYS, "steps", "evaluation"],
     "evaluate": [*DATA_KEYS, "evaluation"],
 }
-# threads, memory (MB) and runtime (minutes) per stage, overridden by cnn.resources.<stage>
-RESOURCE_DEFAULTS = {
-    "train": {"threads": 4, "mem_mb": 8000, "runtime": 720},
-    "calibrate": {"threads": 4, "mem_mb": 16000, "runtime": 720},
-    "sample": {"threads": 2, "mem_mb": 8000, "runtime": 240},
-    "evaluate": {"threads": 1, "mem_mb": 4000, "runtime": 30},
-}
-SECTION_KEYS = {
-    "dataset",
-    "classes",
-    "max_train_per_class",
-    "conditional",
-    "device",
-    "gpu",
-    "steps",
-    "train",
-    "calibration",
-    "evaluation",
-    "models",
-    "resources",
-}
 TARGET_FILES = [
     "loss.png",
     "scales.txt",
@@ -49,9 +28,7 @@ class CnnRules:
     """The config's `cnn:` section (None or {} when the comparison is off), as the rules need it."""
 
     def __init__(self, section: dict | None):
-        self.section = section or {}
-        if self.section:
-            validate_section(self.section)
+        self.section = validate_section(section) if section else {}
 
     @property
     def gpu(self) -> int:
@@ -64,9 +41,8 @@ class CnnRules:
         return f"results/data/{wildcards.dataset}/train.safetensors"
 
     def resource(self, stage: str, key: str) -> int:
-        """threads / mem_mb / runtime of a stage: cnn.resources.<stage>.<key>, else the default."""
-        given = (self.section.get("resources") or {}).get(stage) or {}
-        return int(given.get(key, RESOURCE_DEFAULTS[stage][key]))
+        """threads / mem_mb / runtime of a stage: cnn.resources.<stage>.<key> (schema defaults)."""
+        return int(self.section["resources"][stage][key])
 
     def class_labels(self) -> list[str]:
         """The {class} values of the per-class files: class ids, or 'all' for an unconditional CNN."""
@@ -104,33 +80,22 @@ class CnnRules:
         return out
 
 
-def validate_section(section: dict) -> None:
-    """Fail at workflow start, not hours in: unknown keys, and every model's settings must resolve
-    (the dataclasses reject unknown or invalid architecture and training keys)."""
+def validate_section(section: dict) -> dict:
+    """Fail at workflow start, not hours in: the config schema checks the section's keys, types and
+    resources (and fills in their defaults), then every model's settings must resolve (the
+    dataclasses reject unknown or invalid architecture and training keys). Returns the section
+    with its defaults."""
+    from ..settings import validate
     from .stages import resolve_settings
 
-    unknown = sorted(set(section) - SECTION_KEYS)
-    if unknown:
-        raise ValueError(f"cnn: unknown keys {unknown}; known: {sorted(SECTION_KEYS)}")
-    for key in ("dataset", "models"):
-        if not section.get(key):
-            raise ValueError(f"cnn: `{key}` is required")
-    if section.get("conditional", True) and not section.get("classes"):
-        raise ValueError("cnn: a conditional CNN needs `classes`")
-    for stage, values in (section.get("resources") or {}).items():
-        if stage not in RESOURCE_DEFAULTS or set(values) - set(RESOURCE_DEFAULTS[stage]):
-            raise ValueError(
-                f"cnn.resources.{stage}: expected stages {sorted(RESOURCE_DEFAULTS)} "
-                "with threads / mem_mb / runtime"
-            )
-    for name, entry in section["models"].items():
-        if not isinstance(entry, dict) or "model" not in entry:
-            raise ValueError(f"cnn.models.{name}: needs a `model:` mapping (arch, padding, ...)")
+    section = validate({"cnn": dict(section)}, ["the cnn: section"])["cnn"]
+    for name in section["models"]:
         settings = resolve_settings(
             section, name, num_classes=max(section.get("classes") or [0]) + 1
         )
-        if any(s < 0 for s in settings.calibration_seeds + settings.evaluation_seeds):
-            raise ValueError(f"cnn: seeds must be non-negative ({name})")
         overlap = set(settings.calibration_seeds) & set(settings.evaluation_seeds)
         if overlap:
-            raise ValueError(f"cnn: calibration and evaluation seeds overlap: {sorted(overlap)}")
+            raise ValueError(
+                f"cnn.models.{name}: calibration and evaluation seeds overlap: {sorted(overlap)}"
+            )
+    return section

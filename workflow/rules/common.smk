@@ -1,48 +1,43 @@
 # Config validation, paths, input functions and wildcard constraints. The logic lives in els.config.
+import json
 from pathlib import Path
 
-from snakemake.utils import min_version, validate
-
 import els.config as plan
+from els import settings
 
-min_version("8.20")
+# the workflow's own folder (Snakefile, scales/): workflow.basedir is the user's Snakefile's folder
+# when this workflow is used as a module, so it is found from this file
+WORKFLOW_DIR = Path(workflow.current_basedir.get_path_or_uri(secret_free=True)).parents[
+    1
+]
+# the schema fills in every default, so the code below reads config values without fallbacks
+plan.start_checks(config, workflow.configfiles, WORKFLOW_DIR)
 
-validate(config, "../schemas/config.schema.yaml")
-plan.check_config(config)
-
-DATA = config.setdefault("data", {})
-SAMPLING = config.setdefault("sampling", {})
-BATCH_SEEDS = int(SAMPLING.get("batch_seeds", 2))
-TRAJECTORY = bool(SAMPLING.get("trajectory", True))
-PROVENANCE = bool(SAMPLING.get("provenance", True))
-
-STAGE_DEFAULTS = {
-    "data": {"threads": 1, "mem_mb": 4000, "runtime": 30},
-    "index": {"threads": 1, "mem_mb": 4000, "runtime": 60},
-    "sample": {"threads": 2, "mem_mb": 8000, "runtime": 720},
-    "neighbours": {"threads": 1, "mem_mb": 2000, "runtime": 10},
-    "figures": {"threads": 1, "mem_mb": 2000, "runtime": 10},
-}
+DATA = config["data"]
+SAMPLING = config["sampling"]
+BATCH_SEEDS = SAMPLING["batch_seeds"]
+TRAJECTORY = SAMPLING["trajectory"]
+PROVENANCE = SAMPLING["provenance"]
 
 
 def stage(name, key):
-    """threads / mem_mb / runtime (minutes) of a stage: config `resources.<stage>`, else defaults."""
-    return (
-        (config.get("resources") or {})
-        .get(name, {})
-        .get(key, STAGE_DEFAULTS[name][key])
-    )
+    """threads / mem_mb / runtime (minutes) of a stage: config `resources.<stage>` (schema defaults)."""
+    return config["resources"][name][key]
 
 
 wildcard_constraints:
     dataset=r"[A-Za-z][A-Za-z0-9_]*",
-    machine=r"ideal|ls|els|bbels",
+    machine="|".join(settings.machine_kinds()),
     cls=r"\d+|all",
     seed=r"\d+",
     k=r"\d+",
     batch=r"seeds\d+-\d+",
+    key=r"[0-9a-f]{16}",
 
 
+PREPARED_MANIFEST = "results/data/{dataset}/inputs/{key}/inputs.json"
+PREPARED = "results/data/{dataset}/inputs/{key}/train.safetensors"
+PREPARED_META = "results/data/{dataset}/inputs/{key}/meta.json"
 TRAIN = "results/data/{dataset}/train.safetensors"
 META = "results/data/{dataset}/meta.json"
 INDEX = "results/index/{dataset}/{machine}/{cls}.safetensors"
@@ -61,6 +56,23 @@ COMPARISON = "results/figures/{dataset}/comparison/{cls}/seed{seed}.png"
 SUMMARY = "results/summary.csv"
 
 SAMPLES = plan.planned_samples(config)
+# the content-hash key of each dataset's inputs (els/inputs.py); checks the data named in the config
+DATA_KEYS = plan.data_keys(config)
+
+
+def prepared_of(pattern):
+    """Input function: a file (PREPARED or PREPARED_META) of the dataset's current input key."""
+
+    def path(wildcards):
+        if wildcards.dataset not in DATA_KEYS:
+            raise plan.ConfigError(
+                f"dataset {wildcards.dataset!r} is not in the config (datasets: or cnn.dataset)"
+            )
+        return pattern.format(
+            dataset=wildcards.dataset, key=DATA_KEYS[wildcards.dataset]
+        )
+
+    return path
 
 
 def key_paths(pattern, keys):

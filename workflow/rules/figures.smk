@@ -11,7 +11,7 @@ rule pair_figure:
         report(
             PAIR,
             caption="../report/pair.rst",
-            category="{dataset}: sample and nearest training image",
+            category="{dataset} samples and nearest training images",
             subcategory="{machine}",
             labels={"class": "{cls}", "seed": "{seed}"},
         ),
@@ -36,7 +36,7 @@ rule trajectory_figure:
         report(
             TRAJECTORY_FIG,
             caption="../report/trajectory.rst",
-            category="{dataset}: trajectories",
+            category="{dataset} trajectories",
             subcategory="{machine}",
             labels={"class": "{cls}", "seed": "{seed}"},
         ),
@@ -62,7 +62,7 @@ rule grid_figure:
         report(
             GRID,
             caption="../report/grid.rst",
-            category="{dataset}: grids",
+            category="{dataset} grids",
             labels={"machine": "{machine}"},
         ),
     log:
@@ -89,7 +89,7 @@ rule comparison_figure:
         report(
             COMPARISON,
             caption="../report/comparison.rst",
-            category="{dataset}: machine comparison",
+            category="{dataset} machine comparison",
             labels={"class": "{cls}", "seed": "{seed}"},
         ),
     log:
@@ -141,7 +141,7 @@ rule provenance:
         figure=report(
             PROVENANCE_FIG,
             caption="../report/provenance.rst",
-            category="{dataset}: patch-mosaic provenance",
+            category="{dataset} patch-mosaic provenance",
             subcategory="{machine}",
             labels={"class": "{cls}", "seed": "{seed}"},
         ),

@@ -20,8 +20,12 @@ rule sample_batch:
     resources:
         mem_mb=stage("sample", "mem_mb"),
         runtime=stage("sample", "runtime"),
+        # how the job runs, never what it computes: as resources (not params) a change of
+        # device or memory budget does not rerun the samples
+        els_device=SAMPLING["device"],
+        els_memory_budget_gb=str(SAMPLING["memory_budget_gb"]),
     params:
-        dtype=SAMPLING.get("dtype", "float32"),
+        dtype=SAMPLING["dtype"],
         trajectory=TRAJECTORY,
         provenance=PROVENANCE,
         max_train_per_class=lambda wc: dataset_config(wc).get("max_train_per_class"),

@@ -15,8 +15,7 @@ from els.scales import read_scales
 with log_to(snakemake.log[0]):
     torch.set_num_threads(snakemake.threads)
     wc = snakemake.wildcards
-    sampling = snakemake.config.get("sampling", {})
-    device = resolve_device(sampling.get("device", "auto"))
+    device = resolve_device(snakemake.resources.els_device)
     dtype = resolve_dtype(snakemake.params.dtype)
     scales = read_scales(snakemake.input.schedule)
     index = els.PatchIndex.load(snakemake.input.index, machine=wc.machine)
@@ -36,7 +35,7 @@ with log_to(snakemake.log[0]):
         index=index,
         device=device,
         dtype=dtype,
-        memory_budget=int(float(sampling.get("memory_budget_gb", 2)) * 2**30),
+        memory_budget=int(float(snakemake.resources.els_memory_budget_gb) * 2**30),
         return_trajectory=True,
         provenance=snakemake.params.provenance,
         disable=False,  # tqdm bar in the log
