@@ -58,6 +58,7 @@ def sample(
     fast_exact_below: float = 0.0,
     fast_seed: int = 0,
     materialize: bool = False,
+    **zoo_options,
 ):
     """Sample with machine `kind` from noise [B, C, H, W], patch size scales[i] at step i.
 
@@ -73,7 +74,21 @@ def sample(
     refer to the full training set.
     materialize: keep each patch size's candidates as explicit floats while its steps run
     (PatchIndex.materialize; only where they fit in a quarter of memory_budget).
+    The training-free denoisers (els.zoo.ZOO_KINDS) take their parameters, `stats` and `keys` as
+    zoo_options (see els.zoo.sample); indexes, fast mode and materialize are patch-machine options.
     """
+    from . import zoo
+
+    if kind in zoo.ZOO_KINDS:
+        if indexes or mode != "exact" or materialize:
+            raise ValueError(f"{kind}: indexes, mode='fast' and materialize are for patch machines")
+        return zoo.sample(
+            kind, train, scales, noise, device=device, dtype=dtype, memory_budget=memory_budget,
+            return_trajectory=return_trajectory, provenance=provenance, callback=callback,
+            disable=disable, **zoo_options,
+        )  # fmt: skip
+    if zoo_options:
+        raise TypeError(f"machine {kind!r} takes no option {', '.join(sorted(zoo_options))}")
     if kind not in MACHINES:
         raise PatchIndexError(f"unknown machine {kind!r}; expected one of {', '.join(MACHINES)}")
     scales = validate_scales(scales, source="scales")

@@ -345,12 +345,20 @@ def score(
     *,
     index: PatchIndex | None = None,
     memory_budget: int | None = None,
+    **zoo_options,
 ) -> torch.Tensor:
     """s(x, t) of machine `kind` ('ideal', 'ls', 'els', 'bbels'), shape of x.
 
     train: [N, C, H, W] uint8 (8-bit images) or float in [-1, 1]; k: odd patch size (ignored by 'ideal').
     Pass a prebuilt `index` to reuse candidate work across calls.
+    The training-free denoisers (els.zoo.ZOO_KINDS) take their parameters as zoo_options.
     """
+    from . import zoo
+
+    if kind in zoo.ZOO_KINDS:
+        return zoo.score(kind, x, t, train, k, memory_budget=memory_budget, **zoo_options)
+    if zoo_options:
+        raise TypeError(f"machine {kind!r} takes no option {', '.join(sorted(zoo_options))}")
     idx = _index_for(kind, train, k, index)
     m = denoise(idx.to(x.device), x, t, memory_budget=memory_budget)
     return score_from_denoised(x, m, t)
