@@ -1,4 +1,4 @@
-# ELS reproduction pipeline: data -> index -> sample -> neighbours -> figures/summary.
+# ELS reproduction pipeline: data -> index (or zoo stats) -> sample -> neighbours -> figures/summary.
 #   snakemake --cores all --workflow-profile workflow/profiles/default [--configfile FILE]
 # See README.md (config keys, output layout, partial reruns).
 
@@ -9,6 +9,7 @@ configfile: "config.yaml"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/index.smk"
+include: "workflow/rules/stats.smk"
 include: "workflow/rules/sample.smk"
 include: "workflow/rules/neighbours.smk"
 include: "workflow/rules/figures.smk"

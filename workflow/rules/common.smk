@@ -19,6 +19,7 @@ PROVENANCE = bool(SAMPLING.get("provenance", True))
 STAGE_DEFAULTS = {
     "data": {"threads": 1, "mem_mb": 4000, "runtime": 30},
     "index": {"threads": 1, "mem_mb": 4000, "runtime": 60},
+    "stats": {"threads": 1, "mem_mb": 4000, "runtime": 30},
     "sample": {"threads": 2, "mem_mb": 8000, "runtime": 720},
     "neighbours": {"threads": 1, "mem_mb": 2000, "runtime": 10},
     "figures": {"threads": 1, "mem_mb": 2000, "runtime": 10},
@@ -36,7 +37,7 @@ def stage(name, key):
 
 wildcard_constraints:
     dataset=r"[A-Za-z][A-Za-z0-9_]*",
-    machine=r"ideal|ls|els|bbels",
+    machine="|".join(plan.MACHINES),
     cls=r"\d+|all",
     seed=r"\d+",
     k=r"\d+",
@@ -46,6 +47,7 @@ wildcard_constraints:
 TRAIN = "results/data/{dataset}/train.safetensors"
 META = "results/data/{dataset}/meta.json"
 INDEX = "results/index/{dataset}/{machine}/{cls}/k{k}.safetensors"
+STATS = "results/stats/{dataset}/{cls}.safetensors"
 BATCH = "results/samples/{dataset}/{machine}/{cls}/batches/{batch}.safetensors"
 SAMPLE = "results/samples/{dataset}/{machine}/{cls}/seed{seed}.safetensors"
 SAMPLE_PNG = "results/samples/{dataset}/{machine}/{cls}/seed{seed}.png"
@@ -61,6 +63,8 @@ COMPARISON = "results/figures/{dataset}/comparison/{cls}/seed{seed}.png"
 SUMMARY = "results/summary.csv"
 
 SAMPLES = plan.planned_samples(config)
+# the samples with a dominant training image per pixel (every machine but wiener)
+PROVENANCE_SAMPLES = [s for s in SAMPLES if plan.has_provenance(s.machine)]
 
 
 def key_paths(pattern, keys):
@@ -106,6 +110,17 @@ def index_files(wildcards):
     }
 
 
+def zoo_stats_files(wildcards):
+    """The class's statistics for a zoo denoiser (els.zoo), none for a patch machine."""
+    if not plan.uses_stats(wildcards.machine):
+        return {}
+    return {
+        "stats": STATS.format(dataset=wildcards.dataset, cls=wildcards.cls),
+        # the job checks the statistics against the training images (refuses stale ones)
+        "train": TRAIN.format(dataset=wildcards.dataset),
+    }
+
+
 def batch_of_seed(wildcards):
     return BATCH.format(
         dataset=wildcards.dataset,
@@ -144,7 +159,7 @@ def figure_targets():
     if TRAJECTORY:
         targets += key_paths(TRAJECTORY_FIG, SAMPLES)
     if PROVENANCE:
-        targets += key_paths(PROVENANCE_FIG, SAMPLES)
+        targets += key_paths(PROVENANCE_FIG, PROVENANCE_SAMPLES)
     for name, ds in (config.get("datasets") or {}).items():
         targets += [GRID.format(dataset=name, machine=m) for m in ds["machines"]]
         classes, seeds, _ = plan.comparison(ds)

@@ -7,6 +7,7 @@
 rule sample_batch:
     input:
         unpack(index_files),
+        unpack(zoo_stats_files),
         schedule=schedule_of,
     output:
         batch=BATCH,
@@ -28,6 +29,7 @@ rule sample_batch:
         trajectory=TRAJECTORY,
         provenance=PROVENANCE,
         max_train_per_class=lambda wc: dataset_config(wc).get("max_train_per_class"),
+        zoo=lambda wc: plan.zoo_params(config, wc.machine),
     script:
         "../scripts/sample_batch.py"
 

@@ -1,4 +1,5 @@
-"""Rule sample_batch: load the indexes, noise per seed, one els.sample call for the whole batch."""
+"""Rule sample_batch: load the indexes (or, for a zoo denoiser, the class's statistics), noise per
+seed, one els.sample call for the whole batch."""
 
 import json
 import time
@@ -6,7 +7,15 @@ import time
 import torch
 
 import els
-from els.config import log_to, resolve_device, resolve_dtype, seeds_of_batch
+from els.config import (
+    has_provenance,
+    log_to,
+    resolve_device,
+    resolve_dtype,
+    seeds_of_batch,
+    uses_stats,
+)
+from els.data import load_prepared
 from els.io import write_safetensors
 from els.noise import noise_for, noise_key
 from els.provenance import stack_provenance
@@ -19,17 +28,34 @@ with log_to(snakemake.log[0]):
     device = resolve_device(sampling.get("device", "auto"))
     dtype = resolve_dtype(snakemake.params.dtype)
     scales = read_scales(snakemake.input.schedule)
-    indexes = {}
+    indexes, sources, zoo_options = {}, {}, {}
     for name, path in snakemake.input.items():
         if name.startswith("k"):
             k = int(name[1:])
-            indexes[k] = els.PatchIndex.load(path, machine=wc.machine, k=k)
-    fingerprints = {index.fingerprint for index in indexes.values()}
+            indexes[k] = sources[k] = els.PatchIndex.load(path, machine=wc.machine, k=k)
+    seeds = seeds_of_batch(wc.batch)
+    if uses_stats(wc.machine):
+        # a zoo denoiser (els.zoo): the class's statistics, checked against its training images;
+        # scfdm's smoothing noise keyed like the starting noise, so batching cannot change a seed
+        cls = None if wc.cls == "all" else int(wc.cls)
+        train, _ = load_prepared(
+            snakemake.input.train, cls=cls, max_per_class=snakemake.params.max_train_per_class
+        )
+        stats = els.ZooStats.load(snakemake.input.stats, images=train)
+        sources = {"stats": stats}
+        zoo_options = {
+            "stats": stats,
+            "keys": [noise_key(wc.dataset, wc.cls, s) for s in seeds],
+            **snakemake.params.zoo,
+        }
+    fingerprints = {source.fingerprint for source in sources.values()}
     if len(fingerprints) != 1:
         raise RuntimeError(f"the indexes {list(snakemake.input)} come from different training sets")
-    shape = next(iter(indexes.values())).images.shape  # [N, C, H, W]
-    seeds = seeds_of_batch(wc.batch)
+    shape = next(iter(sources.values())).images.shape  # [N, C, H, W]
     noise = torch.stack([noise_for(wc.dataset, wc.cls, s, shape[1:]) for s in seeds])
+    provenance = snakemake.params.provenance and has_provenance(wc.machine)
+    # fast mode subsamples patch candidates: the zoo's denoisers always run exact
+    mode = "exact" if uses_stats(wc.machine) else snakemake.params.mode
     print(
         f"{wc.dataset} {wc.machine} class {wc.cls} seeds {seeds}: {shape[0]} training images, "
         f"schedule {snakemake.input.schedule} {scales}, device {device}, {snakemake.threads} threads"
@@ -45,18 +71,19 @@ with log_to(snakemake.log[0]):
         dtype=dtype,
         memory_budget=int(float(sampling.get("memory_budget_gb", 2)) * 2**30),
         return_trajectory=True,
-        provenance=snakemake.params.provenance,
+        provenance=provenance,
         disable=False,  # tqdm bar in the log
-        mode=snakemake.params.mode,
+        mode=mode,
         fast_fraction=float(snakemake.params.fast_fraction),
         fast_exact_below=float(snakemake.params.fast_exact_below),
+        **zoo_options,
     )
     runtime = time.perf_counter() - start
     tensors = {"noise": noise, "image": images.float().cpu()}
     if snakemake.params.trajectory:
         tensors["trajectory_x"] = torch.stack(trajectory.x, dim=1).float()  # [B, S, C, H, W]
         tensors["trajectory_denoised"] = torch.stack(trajectory.denoised, dim=1).float()
-    if snakemake.params.provenance:
+    if provenance:
         for name, value in stack_provenance(trajectory.provenance).items():
             # n_eff is [steps, B, H, W]: batch first like every other tensor here
             value = value.transpose(0, 1) if name == "n_eff" else value
@@ -75,13 +102,13 @@ with log_to(snakemake.log[0]):
             "k": json.dumps(trajectory.k),
             "device": str(device),
             "dtype": snakemake.params.dtype,
-            "mode": snakemake.params.mode,
+            "mode": mode,
             "fast": json.dumps(
                 {
                     "fraction": float(snakemake.params.fast_fraction),
                     "exact_below": float(snakemake.params.fast_exact_below),
                 }
-                if snakemake.params.mode == "fast"
+                if mode == "fast"
                 else None
             ),
             "threads": str(snakemake.threads),
@@ -92,7 +119,8 @@ with log_to(snakemake.log[0]):
             "max_train_per_class": json.dumps(snakemake.params.max_train_per_class),
             "n_train": str(shape[0]),
             "index_fingerprint": fingerprints.pop(),
-        },
+        }
+        | ({"zoo_params": json.dumps(snakemake.params.zoo, sort_keys=True)} if zoo_options else {}),
     )
     # the sampling time is only logged (and in the rule benchmark): outputs hold no timings, so
     # every run of the same config writes the same bytes
