@@ -40,6 +40,7 @@ TARGET_FILES = [
     "calibration.png",
     "r2.csv",
     "r2_summary.csv",
+    "r2_machines.csv",
     "r2_scatter.png",
     "samples_grid.png",
 ]
@@ -131,6 +132,14 @@ def validate_section(section: dict) -> None:
         )
         if any(s < 0 for s in settings.calibration_seeds + settings.evaluation_seeds):
             raise ValueError(f"cnn: seeds must be non-negative ({name})")
+        from ..config import MACHINES
+
+        unknown_machines = sorted(set(settings.extra_machines) - set(MACHINES))
+        if unknown_machines:
+            raise ValueError(
+                f"cnn.evaluation.machines: unknown {unknown_machines}; expected some of "
+                f"{', '.join(MACHINES)}"
+            )
         overlap = set(settings.calibration_seeds) & set(settings.evaluation_seeds)
         if overlap:
             raise ValueError(f"cnn: calibration and evaluation seeds overlap: {sorted(overlap)}")
