@@ -1,4 +1,4 @@
-# ELS reproduction pipeline: data -> index -> sample -> neighbours -> figures/summary.
+# ELS reproduction pipeline: data -> index (or zoo stats) -> sample -> neighbours -> figures/summary.
 #   snakemake --cores all --workflow-profile workflow/profiles/default [--configfile FILE]
 # See README.md (config keys, output layout, partial reruns) and docs/robust-runs.md.
 from snakemake.utils import min_version
@@ -21,6 +21,7 @@ report: "workflow/report/workflow.rst"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/index.smk"
+include: "workflow/rules/stats.smk"
 include: "workflow/rules/sample.smk"
 include: "workflow/rules/neighbours.smk"
 include: "workflow/rules/figures.smk"

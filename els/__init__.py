@@ -1,7 +1,8 @@
 """Equivariant Local Score machines (Kamb & Ganguli, arXiv 2412.20292): analytic diffusion samplers
 that denoise each pixel with a softmax over training-set patches.
 
-Public API: `score`, `sample`, `PatchIndex` (+ `denoise`, `sample_reverse`).
+Public API: `score`, `sample`, `PatchIndex` (+ `denoise`, `sample_reverse`); the training-free
+denoisers of els.zoo (`ZOO_KINDS`, `ZooStats`) through the same `score` and `sample`.
 """
 
 from .api import Trajectory, sample, schedule_patch_sizes
@@ -16,6 +17,7 @@ from .machines import (
     score,
 )
 from .sampler import sample_reverse
+from .zoo import ZOO_KINDS, ZooStats, ZooStatsError
 
 __all__ = [
     "MACHINES",
@@ -23,6 +25,9 @@ __all__ = [
     "PatchIndexError",
     "Provenance",
     "Trajectory",
+    "ZOO_KINDS",
+    "ZooStats",
+    "ZooStatsError",
     "bbels_score",
     "denoise",
     "els_score",

@@ -44,6 +44,7 @@ def sample(
     provenance: bool = False,
     callback=None,
     disable: bool | None = None,
+    **zoo_options,
 ):
     """Sample with machine `kind` from noise [B, C, H, W], patch size scales[i] at step i.
 
@@ -52,7 +53,23 @@ def sample(
     noise: finite float [B, C, H, W] (N(0, I)); dtype: float32 (default) or float64.
     Returns the final images [B, C, H, W] (dtype, on device), or (images, Trajectory) with
     return_trajectory=True; provenance=True also records each step's Provenance in the trajectory.
+    The training-free denoisers (els.zoo.ZOO_KINDS) take their parameters, `stats` and `keys` as
+    zoo_options (see els.zoo.sample); `index` is a patch-machine option.
     """
+    from . import zoo
+
+    if kind in zoo.ZOO_KINDS:
+        if index is not None:
+            raise ValueError(
+                f"{kind}: a PatchIndex is for the patch machines (zoo kinds use stats)"
+            )
+        return zoo.sample(
+            kind, train, scales, noise, device=device, dtype=dtype, memory_budget=memory_budget,
+            return_trajectory=return_trajectory, provenance=provenance, callback=callback,
+            disable=disable, **zoo_options,
+        )  # fmt: skip
+    if zoo_options:
+        raise TypeError(f"machine {kind!r} takes no option {', '.join(sorted(zoo_options))}")
     if kind not in MACHINES:
         raise PatchIndexError(f"unknown machine {kind!r}; expected one of {', '.join(MACHINES)}")
     scales = validate_scales(scales, source="scales")

@@ -20,6 +20,14 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from .index import MACHINES as PATCH_MACHINES
+from .zoo.machines import ZOO_KINDS as ZOO_MACHINES
+
+# every machine the pipeline runs: the patch machines, then the training-free denoisers of els.zoo
+# (per-class statistics instead of patch indexes)
+MACHINES = PATCH_MACHINES + ZOO_MACHINES
+# machines whose samples have a dominant training image per pixel (wiener has no softmax)
+PROVENANCE_MACHINES = tuple(m for m in MACHINES if m != "wiener")
 TORCHVISION_DATASETS = {"MNIST": 1, "FashionMNIST": 1, "CIFAR10": 3}  # name: channels
 TORCHVISION_CLASSES = 10
 BATCH_PATTERN = re.compile(r"seeds(\d+)-(\d+)")
@@ -120,13 +128,34 @@ def schedule_file(config: Mapping, dataset: str, machine: str) -> str:
 def index_patch_sizes(
     config: Mapping, dataset: str, machine: str, root: str | Path = "."
 ) -> list[int]:
-    """The k of every index (dataset, machine) needs: the schedule's distinct k, [0] for ideal."""
+    """The k of every index (dataset, machine) needs: the schedule's distinct k, [0] for ideal,
+    none for the zoo's denoisers (they use per-class statistics, `uses_stats`)."""
     from .api import schedule_patch_sizes
+
+    if uses_stats(machine):
+        return []
     from .scales import read_scales
 
     return schedule_patch_sizes(
         machine, read_scales(Path(root) / schedule_file(config, dataset, machine))
     )
+
+
+def uses_stats(machine: str) -> bool:
+    """Whether the machine samples from per-class statistics (els.zoo) instead of patch indexes."""
+    return machine in ZOO_MACHINES
+
+
+def has_provenance(machine: str) -> bool:
+    return machine in PROVENANCE_MACHINES
+
+
+def zoo_params(config: Mapping, machine: str) -> dict:
+    """The parameters of a zoo denoiser from the config's `zoo.<machine>` ({} for a patch machine:
+    the schema's defaults, which equal els.zoo's, fill the rest)."""
+    if not uses_stats(machine):
+        return {}
+    return dict((config.get("zoo") or {}).get(machine) or {})
 
 
 # ----------------------------------------------------------------------------- checks
@@ -164,6 +193,13 @@ def check_config(config: Mapping, root: str | Path = ".") -> None:
     """Checks beyond the schema; raises ConfigError naming the key that is wrong."""
     from .index import check_patch_size
     from .scales import ScheduleError, read_scales
+    from .zoo import check_params
+
+    for machine in ZOO_MACHINES:
+        try:
+            check_params(machine, zoo_params(config, machine))
+        except ValueError as err:
+            raise ConfigError(f"zoo.{machine}: {err}") from None
 
     for name, ds in (config.get("datasets") or {}).items():
         where = f"datasets.{name}"
@@ -213,7 +249,7 @@ def check_config(config: Mapping, root: str | Path = ".") -> None:
                 scales = read_scales(path)
             except ScheduleError as err:
                 raise ConfigError(f"{where}.schedules.{machine}: {err}") from None
-            if machine != "ideal":
+            if machine != "ideal" and not uses_stats(machine):
                 for k in sorted(set(scales[1:])):
                     try:
                         check_patch_size(machine, k, IMAGE_SIZE, IMAGE_SIZE)

@@ -20,7 +20,19 @@ import torch  # noqa: E402
 from .io import write_with  # noqa: E402
 
 DPI = 100
-MACHINE_LABELS = {"ideal": "IS", "ls": "LS", "els": "ELS", "bbels": "bbELS"}
+MACHINE_LABELS = {
+    "ideal": "IS",
+    "ls": "LS",
+    "els": "ELS",
+    "bbels": "bbELS",
+    "wiener": "Wiener",
+    "pca_locality": "PCA-locality",
+    "optimal": "optimal top-k",
+    "scfdm": "SCFDM",
+    "nearest_dataset": "nearest image",
+}
+# the comparison figure wraps its machines into bands of at most this many columns
+COMPARISON_COLUMNS = 5
 
 
 def display_array(image: torch.Tensor) -> np.ndarray:
@@ -114,17 +126,32 @@ def comparison_figure(
     *,
     title: str,
 ) -> Path:
-    """One column per machine: the sample on top, its nearest training image below.
+    """One column per machine: the sample on top, its nearest training image below; any number of
+    machines, in bands of at most COMPARISON_COLUMNS columns (9 machines: two bands, 5 + 4).
 
     columns: dicts with 'label', 'sample', 'neighbour' (images) and 'neighbour_title'.
     """
     n = len(columns)
-    fig, axes = plt.subplots(2, n, figsize=(1.9 * n + 0.9, 4.4), squeeze=False)
-    for j, col in enumerate(columns):
-        show(axes[0][j], col["sample"], col["label"], fontsize=10)
-        show(axes[1][j], col["neighbour"], col.get("neighbour_title"), fontsize=8)
-    axes[0][0].set_ylabel("sample", fontsize=9)
-    axes[1][0].set_ylabel("nearest\ntraining image", fontsize=9)
+    if n == 0:
+        raise ValueError("a comparison figure needs at least one machine")
+    per_band = min(n, COMPARISON_COLUMNS)
+    bands = -(-n // per_band)
+    fig, axes = plt.subplots(
+        2 * bands, per_band, figsize=(1.9 * per_band + 0.9, 4.2 * bands + 0.2), squeeze=False
+    )
+    for j in range(bands * per_band):
+        band, c = divmod(j, per_band)
+        top, bottom = axes[2 * band][c], axes[2 * band + 1][c]
+        if j >= n:  # the last band's unused panels
+            top.axis("off")
+            bottom.axis("off")
+            continue
+        col = columns[j]
+        show(top, col["sample"], col["label"], fontsize=10)
+        show(bottom, col["neighbour"], col.get("neighbour_title"), fontsize=8)
+    for band in range(bands):
+        axes[2 * band][0].set_ylabel("sample", fontsize=9)
+        axes[2 * band + 1][0].set_ylabel("nearest\ntraining image", fontsize=9)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return save(fig, path)

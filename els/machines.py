@@ -243,13 +243,21 @@ def score(
     *,
     index: PatchIndex | None = None,
     memory_budget: int | None = None,
+    **zoo_options,
 ) -> torch.Tensor:
     """s(x, t) of machine `kind` ('ideal', 'ls', 'els', 'bbels'), shape of x.
 
     x: float32/float64 [B, C, H, W], finite; 0 < t < 1. train: [N, C, H, W] uint8 (8-bit images)
     or float in [-1, 1]; k: odd patch size (ignored by 'ideal'). Pass a prebuilt `index` instead
-    of train to reuse it across calls.
+    of train to reuse it across calls. The training-free denoisers (els.zoo.ZOO_KINDS) take their
+    parameters as zoo_options.
     """
+    from . import zoo
+
+    if kind in zoo.ZOO_KINDS:
+        return zoo.score(kind, x, t, train, k, memory_budget=memory_budget, **zoo_options)
+    if zoo_options:
+        raise TypeError(f"machine {kind!r} takes no option {', '.join(sorted(zoo_options))}")
     if kind not in MACHINES:
         raise PatchIndexError(f"unknown machine {kind!r}; expected one of {', '.join(MACHINES)}")
     if index is None:

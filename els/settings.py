@@ -13,7 +13,6 @@ the wildcards and the library share one list.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import sys
 from collections.abc import Iterable, Mapping
 from functools import cache
@@ -30,15 +29,10 @@ class ConfigFileError(ValueError):
 
 
 def machine_kinds() -> tuple[str, ...]:
-    """Every machine the pipeline can run: els.MACHINES, then els.zoo.ZOO_KINDS when present."""
-    from .index import MACHINES
+    """Every machine the pipeline can run (els.config.MACHINES: the patch machines, then els.zoo's)."""
+    from .config import MACHINES
 
-    kinds = list(MACHINES)
-    if importlib.util.find_spec("els.zoo") is not None:
-        from .zoo import ZOO_KINDS  # type: ignore[import-not-found]
-
-        kinds += [k for k in ZOO_KINDS if k not in kinds]
-    return tuple(kinds)
+    return MACHINES
 
 
 # ----------------------------------------------------------------------------- YAML files

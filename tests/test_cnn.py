@@ -538,7 +538,7 @@ def test_workflow_helpers_give_each_stage_only_its_keys():
         "r/FashionMNIST/b/0.st",
         "r/FashionMNIST/b/7.st",
     ]
-    assert len(rules.targets()) == 14 and rules.gpu == 0
+    assert len(rules.targets()) == 16 and rules.gpu == 0  # 8 files per model
     assert CnnRules({**section, "conditional": False}).class_labels() == ["all"]
     assert CnnRules(None).targets() == []
 
@@ -642,3 +642,49 @@ def test_cnn_section_is_validated_at_workflow_start():
     for section, message in bad:
         with pytest.raises(ValueError, match=message):
             CnnRules(section)
+
+
+def test_zoo_machines_get_a_row_each_in_the_r2_tables(tmp_path):
+    """cnn.evaluation.machines: the zoo's denoisers sampled from the CNN's noise beside its machine
+    and the ideal score, with r / r^2 columns and one row per machine (no CNN training: the CNN's
+    samples are stood in for by the ideal score's, whose r^2 with itself is 1)."""
+    from safetensors.torch import load_file, save_file
+
+    from els.cnn import stages
+    from els.cnn.workflow import validate_section
+
+    data = _prepared_image_folder(tmp_path)
+    section = {
+        "dataset": "imagefolder",
+        "classes": [0],
+        "max_train_per_class": 5,
+        "device": "cpu",
+        "steps": 4,
+        "evaluation": {"seeds": [0, 1], "machines": ["wiener", "scfdm", "nearest_dataset"]},
+        "models": {"tiny": {"model": {"arch": "resnet", "channels": 8, "padding": "zeros"}}},
+    }
+    validate_section(section)
+    with pytest.raises(ValueError, match="cnn.evaluation.machines"):
+        validate_section({**section, "evaluation": {"machines": ["wienr"]}})
+    settings = stages.resolve_settings(section, "tiny", num_classes=1)
+    assert settings.compared_machines == ["bbels", "ideal", "wiener", "scfdm", "nearest_dataset"]
+    els.scales.write_scales(tmp_path / "scales.txt", [3, 3, 5, 5])
+    machines = tmp_path / "machines_0.safetensors"
+    stages.stage_sample_machines(
+        settings, data, tmp_path / "scales.txt", 0, machines, noise_fn=_fake_noise
+    )
+    saved = load_file(str(machines))
+    assert all(saved[m].shape == (2, 1, 32, 32) for m in settings.compared_machines)
+    cnn = tmp_path / "cnn_0.safetensors"
+    save_file({"noise": saved["noise"], "seeds": saved["seeds"], "image": saved["ideal"]}, cnn)
+    out = {n: tmp_path / n for n in ("r2.csv", "s.csv", "m.csv", "sc.png", "g.png")}
+    stages.stage_evaluate(
+        settings, [cnn], [machines], out["r2.csv"], out["s.csv"], out["sc.png"], out["g.png"],
+        out["m.csv"],
+    )  # fmt: skip
+    rows = pd.read_csv(out["m.csv"])
+    assert list(rows["machine"]) == settings.compared_machines
+    assert rows.set_index("machine").loc["ideal", "median_r2"] == pytest.approx(1.0)
+    assert set(rows["n"]) == {2}
+    table = pd.read_csv(out["r2.csv"])
+    assert {f"r2_{m}" for m in settings.compared_machines} <= set(table.columns)

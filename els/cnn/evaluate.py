@@ -68,7 +68,17 @@ def summarize(df: pd.DataFrame, by: str | None = "class") -> pd.DataFrame:
     return pd.concat([overall, per], ignore_index=True)
 
 
-DISPLAY_NAMES = {"ideal": "IS", "bbels": "bbELS", "els": "ELS", "ls": "LS"}
+DISPLAY_NAMES = {
+    "ideal": "IS",
+    "bbels": "bbELS",
+    "els": "ELS",
+    "ls": "LS",
+    "wiener": "Wiener",
+    "pca_locality": "PCA-locality",
+    "optimal": "optimal top-k",
+    "scfdm": "SCFDM",
+    "nearest_dataset": "nearest image",
+}
 
 
 def display_name(machine: str) -> str:

@@ -57,10 +57,17 @@ class CnnSettings:
     calibration_seeds: tuple[int, ...]
     evaluation_seeds: tuple[int, ...]
     grid_rows: int
+    # more machines sampled from the same noise and compared with the CNN (`evaluation.machines`)
+    extra_machines: tuple[str, ...] = ()
 
     @property
     def machine(self) -> str:
         return self.model.machine
+
+    @property
+    def compared_machines(self) -> list[str]:
+        """The CNN's machine, the ideal score, then evaluation.machines (no repeats)."""
+        return list(dict.fromkeys((self.machine, "ideal", *self.extra_machines)))
 
     @property
     def class_labels(self) -> list[int | str]:
@@ -103,6 +110,7 @@ def resolve_settings(section: dict, name: str, num_classes: int) -> CnnSettings:
         ),
         evaluation_seeds=tuple(expand_seeds(evaluation.get("seeds", {"start": 0, "count": 16}))),
         grid_rows=int(evaluation.get("grid_rows", 8)),
+        extra_machines=tuple(evaluation.get("machines", ())),
     )
 
 
@@ -312,8 +320,12 @@ def stage_sample_machines(
     *,
     noise_fn: NoiseFn | None = None,
 ) -> None:
-    """The machine (calibrated schedule) and the ideal score from the same noise as the CNN samples,
-    on the CNN's training images of that class."""
+    """The machine (calibrated schedule), the ideal score and evaluation.machines from the same
+    noise as the CNN samples, on the CNN's training images of that class (the zoo's denoisers with
+    their default parameters; scfdm's smoothing noise keyed like the pipeline's, by seed)."""
+    from ..noise import noise_key
+    from ..zoo import ZOO_KINDS
+
     noise_fn = noise_fn or default_noise_fn()
     device = settings.torch_device()
     scales = read_scales(scales_path, expected_length=settings.n_steps)
@@ -321,8 +333,12 @@ def stage_sample_machines(
     seeds = settings.evaluation_seeds
     noise = _noise_batch(settings, noise_fn, cls, seeds, images.shape[1:])
     out = {"noise": noise, "seeds": torch.tensor(seeds)}
-    for kind in (settings.machine, "ideal"):
-        out[kind] = machine_sample(kind, images, scales, noise, device=device, disable=True).cpu()
+    keys = [noise_key(settings.dataset, cls, s) for s in seeds]
+    for kind in settings.compared_machines:
+        options = {"keys": keys} if kind in ZOO_KINDS else {}
+        out[kind] = machine_sample(
+            kind, images, scales, noise, device=device, disable=True, **options
+        ).cpu()
     _save(
         out_path,
         out,
@@ -343,9 +359,11 @@ def stage_evaluate(
     summary_out: str | Path,
     scatter_out: str | Path,
     grid_out: str | Path,
+    machines_out: str | Path | None = None,
 ) -> dict:
-    """Per seed r and r^2 (centred, flattened images) of the CNN sample against the machine's and
-    the ideal score's; medians; the scatter (r^2) and the CNN | machine | IS grid."""
+    """Per seed r and r^2 (centred, flattened images) of the CNN sample against every compared
+    machine's (the CNN's machine, the ideal score, evaluation.machines); medians; the scatter (r^2)
+    and the CNN | machine | IS grid; machines_out: one row per machine (median r and r^2)."""
     machine = settings.machine
     tables, grid = [], {"CNN": [], machine: [], "ideal": []}
     for cls, cnn_path, machine_path in zip(
@@ -360,7 +378,7 @@ def stage_evaluate(
         tables.append(
             r2_table(
                 cnn["image"],
-                {machine: machines[machine], "ideal": machines["ideal"]},
+                {kind: machines[kind] for kind in settings.compared_machines},
                 seeds=seeds,
                 classes=[cls] * len(seeds),
             )
@@ -379,6 +397,10 @@ def stage_evaluate(
     summary = summarize(df)
     summary.insert(0, "model", settings.name)
     summary.to_csv(summary_out, index=False)
+    if machines_out is not None:
+        machine_rows(df, settings.compared_machines, settings.name).to_csv(
+            machines_out, index=False
+        )
     plot_r2_scatter(
         df,
         scatter_out,
@@ -400,6 +422,25 @@ def stage_evaluate(
         column_notes={display_name(machine): notes[machine], "IS": notes["ideal"]},
     )
     return summary.iloc[0].to_dict()
+
+
+def machine_rows(df, machines: Sequence[str], model: str):
+    """One row per machine: median r and r^2 against the CNN over every evaluated sample."""
+    import pandas as pd
+
+    return pd.DataFrame(
+        [
+            {
+                "model": model,
+                "machine": m,
+                "label": display_name(m),
+                "n": int(df[f"r2_{m}"].notna().sum()),
+                "median_r": float(df[f"r_{m}"].median()),
+                "median_r2": float(df[f"r2_{m}"].median()),
+            }
+            for m in machines
+        ]
+    )
 
 
 def _grid_rows(df, n: int) -> list[int]:

@@ -19,6 +19,7 @@ TARGET_FILES = [
     "calibration.png",
     "r2.csv",
     "r2_summary.csv",
+    "r2_machines.csv",
     "r2_scatter.png",
     "samples_grid.png",
 ]
@@ -93,6 +94,14 @@ def validate_section(section: dict) -> dict:
         settings = resolve_settings(
             section, name, num_classes=max(section.get("classes") or [0]) + 1
         )
+        from ..config import MACHINES
+
+        unknown_machines = sorted(set(settings.extra_machines) - set(MACHINES))
+        if unknown_machines:
+            raise ValueError(
+                f"cnn.evaluation.machines: unknown {unknown_machines}; expected some of "
+                f"{', '.join(MACHINES)}"
+            )
         overlap = set(settings.calibration_seeds) & set(settings.evaluation_seeds)
         if overlap:
             raise ValueError(

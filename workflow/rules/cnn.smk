@@ -133,6 +133,7 @@ rule evaluate_r2:
             category="CNN comparison",
             subcategory="{model}",
         ),
+        machines=f"{CNN_ROOT}/r2_machines.csv",
         scatter=report(
             f"{CNN_ROOT}/r2_scatter.png",
             caption="../report/cnn_r2_scatter.rst",

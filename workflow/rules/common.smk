@@ -41,6 +41,7 @@ PREPARED_META = "results/data/{dataset}/inputs/{key}/meta.json"
 TRAIN = "results/data/{dataset}/train.safetensors"
 META = "results/data/{dataset}/meta.json"
 INDEX = "results/index/{dataset}/{machine}/{cls}.safetensors"
+STATS = "results/stats/{dataset}/{cls}.safetensors"
 BATCH = "results/samples/{dataset}/{machine}/{cls}/batches/{batch}.safetensors"
 SAMPLE = "results/samples/{dataset}/{machine}/{cls}/seed{seed}.safetensors"
 SAMPLE_PNG = "results/samples/{dataset}/{machine}/{cls}/seed{seed}.png"
@@ -73,6 +74,10 @@ def prepared_of(pattern):
         )
 
     return path
+
+
+# the samples with a dominant training image per pixel (every machine but wiener)
+PROVENANCE_SAMPLES = [s for s in SAMPLES if plan.has_provenance(s.machine)]
 
 
 def key_paths(pattern, keys):
@@ -110,6 +115,18 @@ def schedule_of(wildcards):
 def index_patch_sizes(wildcards):
     """The k of every patch size the schedule of (dataset, machine) uses ([0] for ideal)."""
     return plan.index_patch_sizes(config, wildcards.dataset, wildcards.machine)
+
+
+def machine_inputs(wildcards):
+    """What a sampling job reads: the class's PatchIndex for a patch machine, its statistics (and
+    the training images they are checked against) for a zoo denoiser (els.zoo)."""
+    if not plan.uses_stats(wildcards.machine):
+        return {"index": INDEX.format(**wildcards)}
+    return {
+        "stats": STATS.format(dataset=wildcards.dataset, cls=wildcards.cls),
+        # the job checks the statistics against the training images (refuses stale ones)
+        "train": TRAIN.format(dataset=wildcards.dataset),
+    }
 
 
 def batch_of_seed(wildcards):
@@ -150,7 +167,7 @@ def figure_targets():
     if TRAJECTORY:
         targets += key_paths(TRAJECTORY_FIG, SAMPLES)
     if PROVENANCE:
-        targets += key_paths(PROVENANCE_FIG, SAMPLES)
+        targets += key_paths(PROVENANCE_FIG, PROVENANCE_SAMPLES)
     for name, ds in (config.get("datasets") or {}).items():
         targets += [GRID.format(dataset=name, machine=m) for m in ds["machines"]]
         classes, seeds, _ = plan.comparison(ds)

@@ -112,7 +112,7 @@ rule summary:
     input:
         samples=key_paths(SAMPLE, SAMPLES),
         neighbours=key_paths(NEIGHBOURS, SAMPLES),
-        provenance=key_paths(PROVENANCE_JSON, SAMPLES) if PROVENANCE else [],
+        provenance=key_paths(PROVENANCE_JSON, PROVENANCE_SAMPLES) if PROVENANCE else [],
         # runtime_s comes from the batch jobs' benchmarks, so sample files stay free of timings
         timings=batch_benchmarks(SAMPLES),
     output:

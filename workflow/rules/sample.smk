@@ -6,7 +6,7 @@
 
 rule sample_batch:
     input:
-        index=INDEX,
+        unpack(machine_inputs),
         schedule=schedule_of,
     output:
         batch=BATCH,
@@ -29,6 +29,7 @@ rule sample_batch:
         trajectory=TRAJECTORY,
         provenance=PROVENANCE,
         max_train_per_class=lambda wc: dataset_config(wc).get("max_train_per_class"),
+        zoo=lambda wc: plan.zoo_params(config, wc.machine),
     script:
         "../scripts/sample_batch.py"
 

@@ -1,5 +1,6 @@
-"""Rule evaluate_r2: per seed r and r^2 of the CNN sample against the machine's and the ideal
-score's, medians, scatter and grid; see els.cnn.stages.stage_evaluate."""
+"""Rule evaluate_r2: per seed r and r^2 of the CNN sample against every compared machine's
+(its machine, the ideal score, cnn.evaluation.machines), medians, one row per machine, scatter and
+grid; see els.cnn.stages.stage_evaluate."""
 
 import json
 import sys
@@ -19,5 +20,6 @@ with open(snakemake.log[0], "w") as log:
         snakemake.output.summary,
         snakemake.output.scatter,
         snakemake.output.grid,
+        snakemake.output.machines,
     )
     print(json.dumps(summary, default=str), file=log)

@@ -1,4 +1,4 @@
-"""Rule comparison_figure: IS | LS | ELS | bbELS from the same noise, each with its nearest image."""
+"""Rule comparison_figure: every comparison machine from the same noise, each with its nearest image."""
 
 from els.config import log_to
 from els.figures import comparison_figure, machine_label

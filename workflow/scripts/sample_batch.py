@@ -1,4 +1,5 @@
-"""Rule sample_batch: load the index, noise per seed, one els.sample call for the whole batch."""
+"""Rule sample_batch: load the index (or, for a zoo denoiser, the class's statistics), noise per
+seed, one els.sample call for the whole batch."""
 
 import json
 import time
@@ -6,7 +7,15 @@ import time
 import torch
 
 import els
-from els.config import log_to, resolve_device, resolve_dtype, seeds_of_batch
+from els.config import (
+    has_provenance,
+    log_to,
+    resolve_device,
+    resolve_dtype,
+    seeds_of_batch,
+    uses_stats,
+)
+from els.data import load_prepared
 from els.io import write_safetensors
 from els.noise import noise_for, noise_key
 from els.provenance import stack_provenance
@@ -18,10 +27,26 @@ with log_to(snakemake.log[0]):
     device = resolve_device(snakemake.resources.els_device)
     dtype = resolve_dtype(snakemake.params.dtype)
     scales = read_scales(snakemake.input.schedule)
-    index = els.PatchIndex.load(snakemake.input.index, machine=wc.machine)
-    shape = index.images.shape  # [N, C, H, W]
     seeds = seeds_of_batch(wc.batch)
+    index, zoo_options = None, {}
+    if uses_stats(wc.machine):
+        # a zoo denoiser (els.zoo): the class's statistics, checked against its training images;
+        # scfdm's smoothing noise keyed like the starting noise, so batching cannot change a seed
+        cls = None if wc.cls == "all" else int(wc.cls)
+        train, _ = load_prepared(
+            snakemake.input.train, cls=cls, max_per_class=snakemake.params.max_train_per_class
+        )
+        source = els.ZooStats.load(snakemake.input.stats, images=train)
+        zoo_options = {
+            "stats": source,
+            "keys": [noise_key(wc.dataset, wc.cls, s) for s in seeds],
+            **snakemake.params.zoo,
+        }
+    else:
+        source = index = els.PatchIndex.load(snakemake.input.index, machine=wc.machine)
+    shape = source.images.shape  # [N, C, H, W]
     noise = torch.stack([noise_for(wc.dataset, wc.cls, s, shape[1:]) for s in seeds])
+    provenance = snakemake.params.provenance and has_provenance(wc.machine)
     print(
         f"{wc.dataset} {wc.machine} class {wc.cls} seeds {seeds}: {shape[0]} training images, "
         f"schedule {snakemake.input.schedule} {scales}, device {device}, {snakemake.threads} threads"
@@ -37,15 +62,16 @@ with log_to(snakemake.log[0]):
         dtype=dtype,
         memory_budget=int(float(snakemake.resources.els_memory_budget_gb) * 2**30),
         return_trajectory=True,
-        provenance=snakemake.params.provenance,
+        provenance=provenance,
         disable=False,  # tqdm bar in the log
+        **zoo_options,
     )
     runtime = time.perf_counter() - start
     tensors = {"noise": noise, "image": images.float().cpu()}
     if snakemake.params.trajectory:
         tensors["trajectory_x"] = torch.stack(trajectory.x, dim=1).float()  # [B, S, C, H, W]
         tensors["trajectory_denoised"] = torch.stack(trajectory.denoised, dim=1).float()
-    if snakemake.params.provenance:
+    if provenance:
         for name, value in stack_provenance(trajectory.provenance).items():
             # n_eff is [steps, B, H, W]: batch first like every other tensor here
             value = value.transpose(0, 1) if name == "n_eff" else value
@@ -71,8 +97,9 @@ with log_to(snakemake.log[0]):
             "schedule_scales": json.dumps(scales),
             "max_train_per_class": json.dumps(snakemake.params.max_train_per_class),
             "n_train": str(shape[0]),
-            "index_fingerprint": index.fingerprint,
-        },
+            "index_fingerprint": source.fingerprint,
+        }
+        | ({"zoo_params": json.dumps(snakemake.params.zoo, sort_keys=True)} if zoo_options else {}),
     )
     # the sampling time is only logged (and in the rule benchmark): outputs hold no timings, so
     # every run of the same config writes the same bytes

@@ -9,14 +9,15 @@ from els.io import read_json, read_sample, write_with
 
 with log_to(snakemake.log[0]):
     rows = []
-    # mosaic numbers per sample (sampling.provenance), in the same order as the samples
-    mosaics = [read_json(p) for p in snakemake.input.provenance] or [{}] * len(
-        snakemake.input.samples
-    )
-    for sample_path, nn_path, mosaic, timing in zip(
+    # mosaic numbers per sample (sampling.provenance; none for a machine without a dominant
+    # training image, wiener), by (dataset, machine, class, seed)
+    mosaics = {}
+    for path in snakemake.input.provenance:
+        record = read_json(path)
+        mosaics[(record["dataset"], record["machine"], record["class"], record["seed"])] = record
+    for sample_path, nn_path, timing in zip(
         snakemake.input.samples,
         snakemake.input.neighbours,
-        mosaics,
         snakemake.input.timings,
         strict=True,
     ):
@@ -25,6 +26,7 @@ with log_to(snakemake.log[0]):
         # one column that differs between runs (sample files themselves hold no timings)
         batch_seconds = float(pd.read_csv(timing, sep="\t")["s"].iloc[0])
         nn = read_json(nn_path)
+        mosaic = mosaics.get((nn["dataset"], nn["machine"], nn["class"], nn["seed"]), {})
         rows.append(
             {
                 "dataset": nn["dataset"],
