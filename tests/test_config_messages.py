@@ -34,7 +34,7 @@ def fm(config) -> dict:
 
 def test_the_default_config_is_valid_and_gets_the_schema_defaults():
     config = settings.validate(copy.deepcopy(DEFAULT))
-    assert config["sampling"]["mode"] == "exact"  # not in config.yaml: the schema's default
+    assert config["sampling"]["provenance"] is True  # not in config.yaml: the schema's default
     assert config["resources"]["sample"] == {"threads": 1, "mem_mb": 8000, "runtime": 720}
     partial = settings.validate({"datasets": copy.deepcopy(DEFAULT["datasets"])})
     assert partial["resources"]["sample"] == {"threads": 2, "mem_mb": 8000, "runtime": 720}
@@ -52,7 +52,7 @@ def test_the_default_config_is_valid_and_gets_the_schema_defaults():
         ),
         (
             lambda c: c.update(sampl={}),
-            "sampl: unknown key; allowed here: cnn, data, datasets, resources, sampling",
+            "sampl: unknown key; allowed here: cnn, data, datasets, resources, sampling, zoo",
         ),
         (
             lambda c: c.update(datasets={}),

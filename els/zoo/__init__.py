@@ -90,7 +90,7 @@ def denoise(
     keys (scfdm): one key (int or str) per sample; its smoothing noise at time t comes from a
     generator seeded by (key, t), so a sample's result does not depend on its batch. Default: the
     sample's position in the batch."""
-    from ..machines import full_float32
+    from ..machines import ieee_float32
 
     params = check_params(kind, params)
     if not 0.0 < float(t) < 1.0:
@@ -101,7 +101,7 @@ def denoise(
         raise ValueError(f"x must be a float tensor, got {x.dtype}")
     stats.check(shape=x.shape[1:])
     with_stats = return_provenance and kind in PROVENANCE_KINDS
-    with full_float32(x.device):
+    with ieee_float32(x.device):
         m, info = denoised(
             kind,
             stats,
