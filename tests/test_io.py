@@ -128,3 +128,14 @@ def test_cnn_data_fingerprint_is_unchanged():
     expected = hashlib.sha256(inner.encode() + labels.numpy().astype(np.int64).tobytes())
     assert data_fingerprint(images, labels) == expected.hexdigest()
     assert data_fingerprint(images, None) == hashlib.sha256(inner.encode()).hexdigest()
+
+
+def test_index_fingerprints_are_content_sha256():
+    """els.index's fingerprint of the training images and checksum of an index file's tensors are
+    this scheme, so the index can use content_sha256 and existing index files still verify."""
+    from els.index import PatchIndex, images_fingerprint
+
+    images = torch.randint(0, 256, (3, 1, 5, 5), dtype=torch.uint8)
+    assert images_fingerprint(images) == content_sha256(images)
+    tensors = {"b": torch.randn(2, 3), "a": images, "empty": torch.zeros(0, dtype=torch.int64)}
+    assert PatchIndex._content_hash(tensors) == content_sha256(tensors)
