@@ -303,7 +303,8 @@ def plot_provenance(
         Patch(color=colour, label=f"#{index}: {100 * count / (H * W):.1f}%")
         for index, count, colour in legend
     ]
-    handles.append(Patch(color=(OTHER_GREY,) * 3, label=f"{n_sources - len(legend)} others"))
+    if n_sources > len(legend):
+        handles.append(Patch(color=(OTHER_GREY,) * 3, label=f"{n_sources - len(legend)} others"))
     ax = fig.add_subplot(top[0, 2])
     ax.axis("off")
     ax.legend(
