@@ -24,7 +24,6 @@ trying the network. Everything that is read is verified first (see ``RECORDED_SH
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import gzip
 import hashlib
@@ -36,7 +35,6 @@ import shutil
 import socket
 import struct
 import subprocess
-import tempfile
 import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -50,7 +48,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.datasets.utils import extract_archive
 from tqdm import tqdm
 
-from .safetensors_file import save_file
+from .io import content_sha256, write_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -187,7 +185,7 @@ def prepare_dataset(
         "labels_sha256": _sha256_of_array(labels),
     }
     tensors = {"images": torch.from_numpy(images), "labels": torch.from_numpy(labels)}
-    _save_atomically(tensors, metadata, Path(out_path))
+    write_safetensors(Path(out_path), tensors, metadata, fsync=True)  # rebuilding it is slow
     logger.info("prepared %s: %d images from %s -> %s", name, len(labels), source, out_path)
     return metadata
 
@@ -731,26 +729,8 @@ def _resize_all(images: Iterable[Image.Image], count: int, channels: int, desc: 
 
 
 def _sha256_of_array(array: np.ndarray | torch.Tensor) -> str:
-    if isinstance(array, torch.Tensor):
-        array = array.numpy()
-    return hashlib.sha256(np.ascontiguousarray(array).data).hexdigest()
-
-
-def _save_atomically(tensors: dict[str, torch.Tensor], metadata: dict[str, str], out: Path) -> None:
-    """Write to a temporary file next to ``out`` and rename: readers never see a partial file."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(descriptor)
-    try:
-        save_file(tensors, temporary, metadata=metadata)  # sorted metadata: same bytes every run
-        with open(temporary, "rb") as stream:
-            os.fsync(stream.fileno())
-        os.chmod(temporary, 0o644)  # mkstemp creates 0600
-        os.replace(temporary, out)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
+    """sha256 of the raw bytes alone (the file records dtype and shape separately)."""
+    return content_sha256(array, describe=False)
 
 
 def _not_prepared(path: Path, why: str) -> DatasetCorrupt:

@@ -79,16 +79,20 @@ def machine_label(machine: str) -> str:
 def pair_figure(
     path: str | os.PathLike,
     sample: torch.Tensor,
-    neighbour: torch.Tensor,
+    neighbours: Sequence[tuple[torch.Tensor, str]],
     *,
     title: str,
     sample_title: str = "sample",
-    neighbour_title: str = "nearest training image",
 ) -> Path:
-    """sample | nearest training image, with a title (class, seed, distance)."""
-    fig, axes = plt.subplots(1, 2, figsize=(4.4, 2.8))
-    show(axes[0], sample, sample_title)
-    show(axes[1], neighbour, neighbour_title)
+    """sample | each (training image, its panel title), e.g. the nearest training image in the
+    sample's class and the nearest in the whole training set, with a title (class, seed)."""
+    if not neighbours:
+        raise ValueError("pair_figure needs at least one (image, title) neighbour panel")
+    n = 1 + len(neighbours)
+    fig, axes = plt.subplots(1, n, figsize=(2.3 * n + 0.2, 3.0))
+    show(axes[0], sample, sample_title, fontsize=8)
+    for ax, (image, panel_title) in zip(axes[1:], neighbours, strict=True):
+        show(ax, image, panel_title, fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return save(fig, path)
@@ -188,6 +192,88 @@ def trajectory_figure(
     return save(fig, path)
 
 
+# Distinct colours for the top sources of a mosaic (tab10 without its grey, which means "other").
+SOURCE_COLOURS = tuple(matplotlib.colormaps["tab10"](i)[:3] for i in (0, 1, 2, 3, 4, 5, 6, 8, 9))
+OTHER_GREY = 0.55  # pixels from any source outside the top ones
+SAMPLE_FAINTNESS = 0.35  # weight of the sample under the region colours
+
+
+def faint_gray(sample: torch.Tensor) -> np.ndarray:
+    """The sample as a light gray [H, W] in [0, 1] (colour images: their mean over channels)."""
+    array = display_array(sample)
+    gray = array if array.ndim == 2 else array.mean(axis=-1)
+    return 1.0 - SAMPLE_FAINTNESS * (1.0 - gray)
+
+
+def mosaic_regions(
+    sample: torch.Tensor, source_image: torch.Tensor, n_top: int
+) -> tuple[np.ndarray, list[tuple[int, int, tuple[float, float, float]]]]:
+    """RGB [H, W, 3] of the mosaic as regions, and the legend.
+
+    Every pixel whose source (the training image its dominant patch came from) is one of the n_top
+    most used gets that source's colour, the rest OTHER_GREY; both are multiplied by a faint copy of
+    the sample, so the garment's shape stays visible through the regions. The legend lists
+    (training image index, pixel count, colour), most used first."""
+    if n_top > len(SOURCE_COLOURS):
+        raise ValueError(f"n_top = {n_top}: at most {len(SOURCE_COLOURS)} distinct colours")
+    from .provenance import top_sources
+
+    src = source_image.cpu().numpy()
+    rgb = np.full((*src.shape, 3), OTHER_GREY)
+    legend = []
+    for (index, count), colour in zip(
+        top_sources(source_image, n_top), SOURCE_COLOURS, strict=False
+    ):
+        rgb[src == index] = colour
+        legend.append((index, count, colour))
+    return rgb * faint_gray(sample)[..., None], legend
+
+
+def displacement_rgb(dr, dc, max_distance: float) -> np.ndarray:
+    """Colour wheel: hue = direction of (dr, dc) (the angle of the arrow from the pixel to its
+    source, counter-clockwise from 'right' on screen, where rows grow downwards), saturation =
+    distance / max_distance (white = copied in place); full brightness everywhere."""
+    from matplotlib.colors import hsv_to_rgb
+
+    dr, dc = np.asarray(dr, dtype=np.float64), np.asarray(dc, dtype=np.float64)
+    hue = (np.arctan2(-dr, dc) / (2 * np.pi)) % 1.0
+    saturation = np.clip(np.hypot(dr, dc) / max(max_distance, 1e-12), 0.0, 1.0)
+    return hsv_to_rgb(np.stack([hue, saturation, np.ones_like(hue)], axis=-1))
+
+
+def _wheel_legend(ax, max_distance: float, size: int = 65) -> None:
+    """The key of displacement_rgb: a disc of radius max_distance, direction labels round it."""
+    r = np.linspace(-max_distance, max_distance, size)
+    dr, dc = np.meshgrid(r, r, indexing="ij")
+    wheel = displacement_rgb(dr, dc, max_distance)
+    outside = np.hypot(dr, dc) > max_distance
+    wheel = np.concatenate([wheel, np.where(outside, 0.0, 1.0)[..., None]], axis=-1)
+    extent = (-max_distance, max_distance, max_distance, -max_distance)
+    ax.imshow(wheel, extent=extent, interpolation="bilinear")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    pad = 1.3 * max_distance
+    for text, (x, y) in {
+        "up": (0, -pad),
+        "down": (0, pad),
+        "left": (-pad, 0),
+        "right": (pad, 0),
+    }.items():
+        ax.text(x, y, text, ha="center", va="center", fontsize=7)
+    ax.set_xlim(-1.6 * max_distance, 1.6 * max_distance)
+    ax.set_ylim(1.6 * max_distance, -1.6 * max_distance)
+    ax.set_title(
+        f"key: where the source lies\n(white: in place; rim: {max_distance:.0f} px)", fontsize=8
+    )
+
+
+def _bare(ax) -> None:
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
 def plot_provenance(
     path,
     sample: torch.Tensor,
@@ -201,78 +287,96 @@ def plot_provenance(
     train_images: torch.Tensor,
     *,
     title: str = "",
-    n_top: int = 6,
-) -> None:
+    n_top: int = 8,
+) -> Path:
     """One sample's provenance figure.
 
     sample [C, H, W]; source_* [H, W] of the last step; n_eff [steps, H, W]; train_images [N, C, H, W]
-    (indexed by source_image). Panels: the sample; each pixel coloured by the training image its
-    dominant patch came from (top n_top images in colour, the rest grey) with their thumbnails below;
-    the displacement of the copied patch (hue = direction, brightness = distance); the effective number
-    of candidates per pixel over the reverse steps (median and 10-90% band). Both maps fade a pixel
-    towards white by 1 - its dominant weight: where many patches are equally good (flat background)
-    the "source" is a tie, not a finding.
+    (indexed by source_image). Top row: the sample; the mosaic as regions (mosaic_regions: the n_top
+    most used training images each in its colour over a faint copy of the sample, the rest grey, a
+    legend naming them); the displacement of each pixel's patch (source position minus pixel
+    position) on a colour wheel (displacement_rgb) with its key; the effective number of candidates
+    per pixel over the reverse steps (median and 10-90% band). Bottom row: the top sources'
+    thumbnails, framed in their colours.
     """
-    from matplotlib.colors import hsv_to_rgb
+    from matplotlib.patches import Patch
 
-    from .provenance import displacement, top_sources
+    from .provenance import displacement
 
-    top = top_sources(source_image, n_top)
-    palette = plt.get_cmap("tab10")
     H, W = source_image.shape
-    colour_map = np.full((H, W, 3), 0.85)
-    for rank, (idx, _) in enumerate(top):
-        colour_map[(source_image == idx).numpy()] = palette(rank)[:3]
-
-    confidence = source_weight.double().clamp(0, 1).numpy()[..., None]
-    colour_map = colour_map * confidence + (1 - confidence)
+    regions, legend = mosaic_regions(sample, source_image, n_top)
     dr, dc = displacement(source_row, source_col)
-    dist = torch.sqrt(dr.double() ** 2 + dc.double() ** 2)
-    hue = ((torch.atan2(dr.double(), dc.double()) / (2 * np.pi)) % 1.0).numpy()
-    value = (dist / max(float(dist.max()), 1.0)).numpy()
-    disp_rgb = hsv_to_rgb(np.stack([hue, np.where(value > 0, 0.9, 0.0), value], axis=-1))
-    disp_rgb = disp_rgb * confidence + (1 - confidence)
+    distance = torch.sqrt(dr.double() ** 2 + dc.double() ** 2)
+    max_distance = max(float(distance.max()), 1.0)
+    n_sources = int(torch.unique(source_image).numel())
+    covered = sum(count for _, count, _ in legend) / (H * W)
 
-    fig = plt.figure(figsize=(13, 5.2))
-    grid = fig.add_gridspec(2, max(4, n_top), height_ratios=[3, 1.2])
-    ax = fig.add_subplot(grid[0, 0])
-    ax.imshow(display_array(sample), cmap="gray", vmin=0, vmax=1)
-    ax.set_title("sample", fontsize=9)
-    ax = fig.add_subplot(grid[0, 1])
-    ax.imshow(colour_map)
-    n_src = int(torch.unique(source_image).numel())
-    ax.set_title(f"source image per pixel\n{n_src} distinct, top {len(top)} coloured", fontsize=9)
-    ax = fig.add_subplot(grid[0, 2])
-    ax.imshow(disp_rgb)
+    fig = plt.figure(figsize=(15, 6.2))
+    # top: sample | mosaic | its legend | displacement | its colour wheel | (gap) | n_eff
+    top = fig.add_gridspec(
+        1, 7, left=0.02, right=0.985, top=0.84, bottom=0.36,
+        width_ratios=[1, 1.5, 0.7, 1.5, 0.8, 0.3, 2.2], wspace=0.08,
+    )  # fmt: skip
+    show(fig.add_subplot(top[0, 0]), sample, "sample", fontsize=9)
+    ax = fig.add_subplot(top[0, 1])
+    ax.imshow(regions, interpolation="nearest")
+    _bare(ax)
     ax.set_title(
-        f"patch displacement (max {float(dist.max()):.0f} px)\nblack = copied in place", fontsize=9
+        f"mosaic: source training image per pixel\n{n_sources} sources; the top {len(legend)} "
+        f"supply {100 * covered:.0f}% of the pixels",
+        fontsize=9,
     )
-    for a in fig.axes:
-        a.set_xticks([])
-        a.set_yticks([])
-    ax = fig.add_subplot(grid[0, 3:])
+    handles = [
+        Patch(color=colour, label=f"#{index}: {100 * count / (H * W):.1f}%")
+        for index, count, colour in legend
+    ]
+    if n_sources > len(legend):
+        handles.append(Patch(color=(OTHER_GREY,) * 3, label=f"{n_sources - len(legend)} others"))
+    ax = fig.add_subplot(top[0, 2])
+    ax.axis("off")
+    ax.legend(
+        handles=handles,
+        loc="center left",
+        fontsize=8,
+        title="training image:\nshare of pixels",
+        title_fontsize=8,
+        frameon=False,
+    )
+    ax = fig.add_subplot(top[0, 3])
+    ax.imshow(displacement_rgb(dr.numpy(), dc.numpy(), max_distance), interpolation="nearest")
+    _bare(ax)
+    ax.set_title("patch displacement\n(source position - pixel position)", fontsize=9)
+    _wheel_legend(fig.add_subplot(top[0, 4]), max_distance)
+
+    ax = fig.add_subplot(top[0, 6])
     per_step = n_eff.reshape(n_eff.shape[0], -1).double()
     steps = np.arange(len(t_steps))
     q10, q50, q90 = (torch.quantile(per_step, q, dim=1).numpy() for q in (0.1, 0.5, 0.9))
     ax.fill_between(steps, q10, q90, alpha=0.3, label="10-90% of pixels")
-    ax.plot(steps, q50, marker="o", label="median pixel")
+    ax.plot(steps, q50, marker="o", markersize=3, label="median pixel")
     ax.set_yscale("log")
+    every = max(1, len(steps) // 7)
     ax.set_xticks(
-        steps, [f"{t:.2f}\nk={k}" for t, k in zip(t_steps, k_steps, strict=True)], fontsize=6
+        steps[::every],
+        [f"{t:.2f}\nk={k}" for t, k in list(zip(t_steps, k_steps, strict=True))[::every]],
+        fontsize=7,
     )
-    ax.set_xlabel("reverse step (t, patch size)")
-    ax.set_ylabel("effective candidates 1/Σw²")
+    ax.set_xlabel("reverse step (t, patch size k)", fontsize=8)
+    ax.set_title("effective candidates per pixel, 1/Σw²", fontsize=9)
+    ax.tick_params(labelsize=7)
     ax.legend(fontsize=7)
-    for rank, (idx, count) in enumerate(top):
-        ax = fig.add_subplot(grid[1, rank])
-        ax.imshow(display_array(train_images[idx]), cmap="gray", vmin=0, vmax=1)
+
+    # bottom: the top sources, framed in their colours
+    columns = max(len(legend), 8)
+    bottom = fig.add_gridspec(1, columns, left=0.1, right=0.9, top=0.25, bottom=0.03, wspace=0.3)
+    for column, (index, count, colour) in enumerate(legend):
+        ax = fig.add_subplot(bottom[0, column])
+        show(ax, train_images[index], f"#{index}: {100 * count / (H * W):.1f}%", fontsize=8)
         for spine in ax.spines.values():
-            spine.set_edgecolor(palette(rank))
+            spine.set_visible(True)
+            spine.set_edgecolor(colour)
             spine.set_linewidth(4)
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_title(f"train #{idx}: {100 * count / (H * W):.0f}%", fontsize=7)
+    fig.text(0.1, 0.275, "the top sources (training images of this class's set)", fontsize=9)
     if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    save(fig, path)
+        fig.suptitle(title, fontsize=11)
+    return save(fig, path)

@@ -11,7 +11,6 @@ candidate norms when a sample needs them.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .io import content_sha256, write_safetensors
 from .kernel import LANE_PAD
 
 MACHINES = ("ideal", "ls", "els", "bbels")
@@ -34,10 +34,7 @@ class PatchIndexError(ValueError):
 
 def images_fingerprint(images: torch.Tensor) -> str:
     """sha256 of a training set's dtype, shape and bytes: ties an index to the images it was built from."""
-    images = images.detach().cpu().contiguous()
-    h = hashlib.sha256(f"{images.dtype}|{tuple(images.shape)}|".encode())
-    h.update(images.view(torch.uint8).numpy().tobytes() if images.numel() else b"")
-    return h.hexdigest()
+    return content_sha256(images.detach())
 
 
 def to_float(images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -183,14 +180,10 @@ class PatchIndex:
     # ----------------------------------------------------------------------------- files
     @staticmethod
     def _content_hash(images: torch.Tensor) -> str:
-        h = hashlib.sha256(f"images|{images.dtype}|{tuple(images.shape)}|".encode())
-        h.update(images.view(torch.uint8).numpy().tobytes() if images.numel() else b"")
-        return h.hexdigest()
+        return content_sha256({"images": images})
 
     def save(self, path: str | Path) -> None:
         """Write the index as safetensors (no pickle), atomically, with a content checksum."""
-        from .safetensors_file import save_file  # sorted metadata: same bytes every run
-
         images = self.images.cpu().contiguous()
         meta = {
             "format": "els.PatchIndex",
@@ -200,10 +193,7 @@ class PatchIndex:
             "fingerprint": self.fingerprint,
             "content_sha256": self._content_hash(images),
         }
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({"images": images}, str(tmp), metadata=meta)
-        tmp.replace(path)
+        write_safetensors(path, {"images": images}, meta)  # sorted metadata: same bytes every run
 
     @classmethod
     def load(

@@ -1,5 +1,22 @@
-"""Files of the pipeline: atomic writers (temporary file in the same folder, then os.replace, so a
-reader never sees a partial file) and readers of the sample files.
+"""Files of the pipeline: the one atomic writer, the one content hasher, and the sample files.
+
+Atomic writing (every file the package or a workflow script writes goes through it):
+  atomic_path(path)          context manager: yields a temporary path next to `path`; the caller writes
+                             it; on success it is renamed over `path` (os.replace), on any exception it
+                             is removed, so a reader never sees a partial file under the final name.
+  write_with(path, writer)   the same as a call: writer(temporary_path), then rename.
+  write_text / write_json / write_bytes / copy_file / write_safetensors / write_png / write_sample
+                             the usual formats on top of write_with. `fsync=True` (atomic_path,
+                             write_with, write_safetensors) flushes the data to disk before the
+                             rename, for files that are expensive to rebuild (the prepared data set).
+
+Content hashing (sha256, hex): one scheme for tensors, so fingerprints agree across modules.
+  content_sha256(tensor)                 sha256 of f"{dtype}|{shape}|" + the tensor's bytes
+  content_sha256({name: tensor, ...})    names sorted; per tensor f"{name}|{dtype}|{shape}|" + bytes
+  content_sha256(tensor, describe=False) sha256 of the bytes alone (numpy arrays accepted)
+  ContentHasher                          the same steps one at a time (text, tensors) for hashes
+                                         that combine several parts.
+  dtype is torch's name (torch.uint8), shape a Python tuple, bytes the C-contiguous CPU buffer.
 
 Sample file (results/samples/{dataset}/{machine}/{class}/seed{seed}.safetensors), safetensors only:
   tensors  noise [C, H, W] float32 (x at t = (n-1)/n), image [C, H, W] float32 in about [-1, 1];
@@ -15,8 +32,10 @@ Sample file (results/samples/{dataset}/{machine}/{class}/seed{seed}.safetensors)
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -41,12 +60,16 @@ def _remove_stale_temporaries(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, mode: int = 0o644) -> Iterator[Path]:
+def atomic_path(
+    path: str | os.PathLike, mode: int = 0o644, *, fsync: bool = False
+) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success it is renamed to `path`, else removed.
 
     A crash at any point leaves `path` as it was (absent, or the previous complete file): never a
     truncated file under the final name. Stale temporaries of `path` from killed writers are
-    removed first."""
+    removed first. The temporary exists (empty) when yielded; the file gets `mode` (mkstemp's is
+    0600). With fsync the data is flushed to disk before the rename, so a power cut cannot leave
+    an empty file under the final name either."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(path)
@@ -54,6 +77,9 @@ def atomic_path(path: str | os.PathLike, mode: int = 0o644) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        if fsync:
+            with open(tmp, "rb") as stream:
+                os.fsync(stream.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
@@ -62,17 +88,34 @@ def atomic_path(path: str | os.PathLike, mode: int = 0o644) -> Iterator[Path]:
         raise
 
 
-def write_with(path: str | os.PathLike, writer: Callable[[Path], None]) -> Path:
-    """Call writer(temporary_path) and move the result into place atomically."""
-    with atomic_path(path) as tmp:
+def write_with(
+    path: str | os.PathLike, writer: Callable[[Path], object], *, fsync: bool = False
+) -> Path:
+    """Call writer(temporary_path) and move the result into place atomically (see atomic_path).
+
+    The writer must write to the path it is given, whatever its name: a temporary ending in
+    .tmp, so a writer that picks the format from the suffix needs it named (savefig(..,
+    format="png"), to_csv writes text anyway)."""
+    with atomic_path(path, fsync=fsync) as tmp:
         writer(tmp)
     return Path(path)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    return write_with(path, lambda tmp: tmp.write_bytes(data))
+
+
+def copy_file(source: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Copy the file `source` to `path` (contents only), atomically."""
+    return write_with(path, lambda tmp: shutil.copyfile(source, tmp))
 
 
 def write_safetensors(
     path: str | os.PathLike,
     tensors: Mapping[str, torch.Tensor],
     metadata: Mapping[str, object] | None = None,
+    *,
+    fsync: bool = False,
 ) -> Path:
     """Save tensors (copied to the CPU, contiguous, so views of one storage are fine) with string
     metadata (non-strings are JSON-encoded), atomically; the header's metadata is sorted, so the
@@ -83,7 +126,7 @@ def write_safetensors(
         k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in tensors.items()
     }
     meta = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
-    return write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    return write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta), fsync=fsync)
 
 
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -109,6 +152,60 @@ def read_json(path: str | os.PathLike):
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
     return write_with(path, lambda tmp: tmp.write_text(text))
+
+
+# ----------------------------------------------------------------------------- content hashing
+
+
+def _contiguous_cpu(tensor: torch.Tensor | np.ndarray) -> torch.Tensor:
+    if isinstance(tensor, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(tensor))
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(
+            f"content hashing takes tensors or numpy arrays, got {type(tensor).__name__}"
+        )
+    return tensor.detach().cpu().contiguous()
+
+
+class ContentHasher:
+    """sha256 built from text and tensors, in the order given (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._sha = hashlib.sha256()
+
+    def text(self, text: str) -> ContentHasher:
+        self._sha.update(text.encode())
+        return self
+
+    def tensor(
+        self, tensor: torch.Tensor | np.ndarray, *, name: str | None = None, describe: bool = True
+    ) -> ContentHasher:
+        """Add a tensor's bytes, preceded (describe=True) by f"{name}|{dtype}|{shape}|" (the name
+        part only when given), so equal bytes of another dtype or shape hash differently."""
+        t = _contiguous_cpu(tensor)
+        if describe:
+            self.text((f"{name}|" if name is not None else "") + f"{t.dtype}|{tuple(t.shape)}|")
+        if t.numel():  # through uint8: also dtypes numpy lacks (bfloat16)
+            self._sha.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return self
+
+    def hexdigest(self) -> str:
+        return self._sha.hexdigest()
+
+
+def content_sha256(
+    tensors: torch.Tensor | np.ndarray | Mapping[str, torch.Tensor | np.ndarray],
+    *,
+    describe: bool = True,
+) -> str:
+    """sha256 (hex) of one tensor or of named tensors (names sorted); see the module docstring."""
+    hasher = ContentHasher()
+    if isinstance(tensors, Mapping):
+        for name in sorted(tensors):
+            hasher.tensor(tensors[name], name=name, describe=describe)
+    else:
+        hasher.tensor(tensors, describe=describe)
+    return hasher.hexdigest()
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:

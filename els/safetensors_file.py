@@ -52,12 +52,12 @@ def canonicalize(path: str | os.PathLike) -> None:
     # Longer than the original header (never seen: same content, other order): rewrite whole.
     padding = (-(HEADER_LENGTH.size + len(encoded))) % 8
     encoded += b" " * padding
-    rewritten = path.with_name(path.name + ".canonical")
-    with path.open("rb") as source, rewritten.open("wb") as target:
+    from .io import atomic_path
+
+    with atomic_path(path) as rewritten, path.open("rb") as source, rewritten.open("wb") as target:
         source.seek(HEADER_LENGTH.size + length)
         target.write(HEADER_LENGTH.pack(len(encoded)) + encoded)
         shutil.copyfileobj(source, target, 1 << 20)
-    os.replace(rewritten, path)
 
 
 def save_file(tensors, filename: str | os.PathLike, metadata: Mapping[str, str] | None = None):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .io import write_text
+
 
 class ScheduleError(ValueError):
     """A patch-size schedule that cannot be used, with the file and entry that is wrong."""
@@ -63,6 +65,4 @@ def write_scales(path: str | Path, scales, *, comment: str = "") -> None:
     path = Path(path)
     lines = [f"# {c}" for c in comment.splitlines()] if comment else []
     lines.append(" ".join(str(k) for k in scales))
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)
+    write_text(path, "\n".join(lines) + "\n")

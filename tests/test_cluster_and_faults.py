@@ -1,8 +1,8 @@
 """The workflow on a real SLURM, under faults, reruns and bad inputs (tiny config of tests/tiny_workflow.py).
 
 - SLURM (``-m slurm``): the tiny workflow through ``workflow/profiles/slurm`` on the local
-  single-node SLURM of workflow/slurm/ (started here when we are root and it is not up; skipped
-  with the reason otherwise); every job is COMPLETED in ``sacct`` with the rule's resources, and
+  single-node SLURM of workflow/slurm/ (started when we are root and it is not up; skipped with
+  the reason otherwise, a failure with SLURM's logs under CI=true: tests/slurm_local.py); every job is COMPLETED in ``sacct`` with the rule's resources, and
   every output is byte-identical to the local reference run.
 - Faults: SIGKILL of a running sampling job, and of the Snakemake process, each at the worst moment
   (the output complete under its temporary name, not yet renamed into place); no partial or
@@ -35,9 +35,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from slurm_local import ACCOUNT, PARTITION, unavailable
 from tiny_workflow import (
     DATASET,
-    REPO,
     SLURM_PROFILE,
     assert_same_files,
     copy_results,
@@ -141,67 +141,12 @@ write_with({str(target)!r}, writer)
 
 # ----------------------------------------------------------------------------- SLURM
 
-SLURM_DIR = REPO / "workflow" / "slurm"
-ACCOUNT = os.environ.get("SLURM_ELS_ACCOUNT", "els")
-PARTITION = os.environ.get("SLURM_ELS_PARTITION", "debug")
 # The plugin checks job states first after this many seconds, then 10 s later each time nothing
 # finished: a bit more than a tiny job takes keeps every step of the chain at about this long.
 STATUS_INIT_S = os.environ.get("ELS_SLURM_TEST_STATUS_INIT_S", "12")
 
 
-def _slurm_reason() -> str | None:
-    from test_slurm_smoke import _slurm_unavailable_reason
-
-    return _slurm_unavailable_reason()
-
-
-def _as_root() -> list[str] | None:
-    """How to run a command as root here: [] when we are root, ['sudo', '-n'] when sudo works
-    without a password, None otherwise."""
-    if os.geteuid() == 0:
-        return []
-    if (
-        shutil.which("sudo")
-        and subprocess.run(["sudo", "-n", "true"], capture_output=True).returncode == 0
-    ):
-        return ["sudo", "-n"]
-    return None
-
-
-def ensure_slurm() -> tuple[str | None, list[str] | None]:
-    """(why SLURM cannot be used or None, the root prefix if this call started it).
-
-    A SLURM that answers is used as it is; else the local one is started with
-    workflow/slurm/start.sh when we are root (or have password-less sudo) and apt-get exists (CI:
-    .ci/run installs it); it is then stopped again when the tests are done."""
-    reason = _slurm_reason()
-    if reason is None:
-        return None, None
-    root = _as_root()
-    if root is None or shutil.which("apt-get") is None:
-        return f"{reason} (not root and no apt-get/sudo, so not starting one)", None
-    start = subprocess.run(
-        [*root, "bash", str(SLURM_DIR / "start.sh")], capture_output=True, text=True, timeout=900
-    )
-    if start.returncode != 0:
-        return f"{reason}; workflow/slurm/start.sh failed: {start.stderr[-2000:]}", None
-    reason = _slurm_reason()
-    return (f"SLURM started but does not answer: {reason}" if reason else None), root
-
-
 SLURM_TEST = "test_tiny_workflow_on_slurm_is_byte_identical_to_the_local_run"
-
-
-@pytest.fixture(scope="session")
-def slurm_session():
-    """Why SLURM cannot be used (None when it can); a SLURM this fixture started is stopped at the
-    end of the test session (not of this module, so that later SLURM tests find it up)."""
-    reason, started_as = ensure_slurm()
-    yield reason
-    if started_as is not None:
-        subprocess.run(
-            [*started_as, "bash", str(SLURM_DIR / "stop.sh")], capture_output=True, timeout=300
-        )
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -692,7 +637,7 @@ def test_tiny_workflow_on_slurm_is_byte_identical_to_the_local_run(slurm_run, re
     resources as the allocation), SLURM's logs are where the README says, and every output file
     equals the local reference run's byte for byte (summary.csv but for its runtime columns)."""
     if "skip" in slurm_run:
-        pytest.skip(slurm_run["skip"])
+        unavailable(slurm_run["skip"])
     slurm_run["watcher"].join(timeout=900)
     workdir, output = slurm_run["workdir"], slurm_run["log"].read_text()
     assert slurm_run["process"].returncode == 0, output[-6000:]

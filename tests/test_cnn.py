@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from tiny_workflow import SNAKEFILE, run_snakemake, write_config
 from torch import nn
 
 import els
@@ -543,9 +544,6 @@ def test_workflow_helpers_give_each_stage_only_its_keys():
     assert CnnRules(None).targets() == []
 
 
-REPO = Path(__file__).resolve().parents[1]
-# ELS_SNAKEFILE: run the test against another checkout of the workflow (e.g. one being integrated)
-SNAKEFILE = Path(os.environ.get("ELS_SNAKEFILE", REPO / "Snakefile")).resolve()
 WORKFLOW_ROOT = SNAKEFILE.parent
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -568,9 +566,6 @@ def _fashion_mnist_source() -> str | None:
 def test_tiny_cnn_config_runs_the_whole_chain_in_snakemake(tmp_path):
     """CI: configs/cnn_tiny.yaml through the pipeline's Snakefile on CPU (a few minutes): the chain
     runs, the calibrated schedule is valid, every r and r^2 is finite and in [-1, 1]."""
-    import subprocess
-    import sys
-
     import yaml
 
     from els.cnn.stages import check_outputs
@@ -596,31 +591,13 @@ def test_tiny_cnn_config_runs_the_whole_chain_in_snakemake(tmp_path):
     }
     (tmp_path / "scales").mkdir()
     (tmp_path / "scales" / "unused.txt").write_text(" ".join(["3"] * 20) + "\n")
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    write_config(tmp_path, config)
     if _fashion_mnist_source() == "prepared":
         prepared = tmp_path / "results" / "data" / "FashionMNIST" / "train.safetensors"
         prepared.parent.mkdir(parents=True)
         prepared.write_bytes(PREPARED_FASHION_MNIST.read_bytes())
         (prepared.parent / "meta.json").write_text("{}")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "snakemake",
-            "--snakefile",
-            str(SNAKEFILE),
-            "--directory",
-            str(tmp_path),
-            "--configfile",
-            str(tmp_path / "config.yaml"),
-            "--cores",
-            "2",
-            "cnn_all",
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    run_snakemake(tmp_path, "--cores", "2", "cnn_all", profile=None, timeout=1800)
     for model in section["models"]:
         summary = check_outputs(tmp_path / "results" / "cnn" / "FashionMNIST" / model, section)
         assert len(summary["scales"]) == section["steps"]

@@ -171,7 +171,9 @@ def _png_ok(path: Path, min_size=(100, 100)):
 def test_every_figure_kind_writes_a_png(tmp_path, channels):
     img = lambda s: torch.rand(channels, 8, 8, generator=torch.Generator().manual_seed(s)) * 2 - 1  # noqa: E731
     u8 = torch.randint(0, 256, (channels, 8, 8), dtype=torch.uint8)
-    figures.pair_figure(tmp_path / "pair.png", img(0), u8, title="class 3, seed 0, L2 = 1")
+    figures.pair_figure(
+        tmp_path / "pair.png", img(0), [(u8, "in class"), (u8, "overall")], title="class 3"
+    )
     figures.grid_figure(
         tmp_path / "grid.png",
         {(r, c): img(i) for i, (r, c) in enumerate([("0", "0"), ("0", "1"), ("1", "0")])},
@@ -198,6 +200,75 @@ def test_every_figure_kind_writes_a_png(tmp_path, channels):
     )
     for name in ("pair", "grid", "cmp", "traj"):
         _png_ok(tmp_path / f"{name}.png")
+
+
+def test_pair_figure_needs_a_neighbour_panel(tmp_path):
+    with pytest.raises(ValueError, match="at least one"):
+        figures.pair_figure(tmp_path / "p.png", torch.zeros(1, 4, 4), [], title="x")
+
+
+def test_mosaic_regions_colour_the_top_sources_and_grey_the_rest():
+    source = torch.tensor([[5, 5, 5], [5, 2, 2], [5, 9, 7]])  # 5: 5 px, 2: 2 px, 9 and 7: 1 px
+    white = torch.ones(1, 3, 3)  # a white sample: the faint copy multiplies by exactly 1
+    rgb, legend = figures.mosaic_regions(white, source, n_top=2)
+    assert [(index, count) for index, count, _ in legend] == [(5, 5), (2, 2)]
+    src = source.numpy()
+    assert np.allclose(rgb[src == 5], figures.SOURCE_COLOURS[0])
+    assert np.allclose(rgb[src == 2], figures.SOURCE_COLOURS[1])
+    assert len({tuple(c) for _, _, c in legend}) == 2  # distinct
+    rest = rgb[(src == 9) | (src == 7)]
+    assert np.allclose(rest, figures.OTHER_GREY)  # grey: R = G = B
+    for colour in figures.SOURCE_COLOURS:
+        assert np.ptp(colour) > 0.2  # no source colour is itself a grey
+    assert len(set(figures.SOURCE_COLOURS)) == len(figures.SOURCE_COLOURS)
+
+
+def test_mosaic_regions_show_the_sample_faintly_through():
+    source = torch.zeros(2, 2, dtype=torch.long)
+    sample = torch.tensor([[[-1.0, 1.0], [1.0, 1.0]]])  # one black pixel, the rest white
+    rgb, _ = figures.mosaic_regions(sample, source, n_top=1)
+    colour = np.array(figures.SOURCE_COLOURS[0])
+    assert np.allclose(rgb[0, 1], colour)
+    assert np.allclose(rgb[0, 0], colour * (1 - figures.SAMPLE_FAINTNESS))  # darker, same hue
+    with pytest.raises(ValueError, match="n_top"):
+        figures.mosaic_regions(sample, source, n_top=len(figures.SOURCE_COLOURS) + 1)
+
+
+def test_displacement_wheel_hue_follows_the_direction_and_saturation_the_distance():
+    from matplotlib.colors import rgb_to_hsv
+
+    angles = np.linspace(0, 2 * np.pi, 16, endpoint=False)
+    # a source up on screen is a negative row offset: the angle is measured with rows flipped
+    dr, dc = -3 * np.sin(angles), 3 * np.cos(angles)
+    hsv = rgb_to_hsv(figures.displacement_rgb(dr, dc, max_distance=6.0))
+    assert np.allclose(hsv[:, 0], angles / (2 * np.pi), atol=1e-6)
+    assert np.allclose(hsv[:, 1], 0.5) and np.allclose(hsv[:, 2], 1.0)
+    in_place = figures.displacement_rgb(np.zeros(1), np.zeros(1), max_distance=6.0)
+    assert np.allclose(in_place, 1.0)  # white
+    right, up = figures.displacement_rgb(np.array([0.0, -6.0]), np.array([6.0, 0.0]), 6.0)
+    assert np.allclose(right, [1, 0, 0])  # hue 0: red
+    assert np.allclose(rgb_to_hsv(up)[0], 0.25)  # a quarter turn counter-clockwise
+
+
+def test_provenance_figure_with_fewer_sources_than_colours(tmp_path):
+    source = torch.tensor([[0, 0, 1, 1]] * 4)
+    rows = torch.arange(4).view(4, 1).expand(4, 4)
+    cols = (torch.arange(4).view(1, 4) + torch.tensor([[0, 0, 1, 1]])).clamp(max=3)
+    train = torch.randint(0, 256, (2, 1, 4, 4), dtype=torch.uint8)
+    path = figures.plot_provenance(
+        tmp_path / "prov.png",
+        torch.rand(1, 4, 4) * 2 - 1,
+        source,
+        rows,
+        cols,
+        torch.full((4, 4), 0.9),
+        torch.rand(3, 4, 4) * 10 + 1,
+        [0.75, 0.5, 0.25],
+        [5, 3, 3],
+        train,
+        title="two sources",
+    )
+    _png_ok(path, min_size=(800, 300))
 
 
 def test_trajectory_figure_checks_lengths(tmp_path):

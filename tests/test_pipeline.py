@@ -21,18 +21,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import yaml
 from data_factory import write_idx_dataset, write_schedule
 from PIL import Image
-from tiny_workflow import environment, snakemake_command
+from tiny_workflow import REPO, SNAKEFILE, Run, run_snakemake, write_config
 
 from els.data import load_prepared
 from els.index import to_float
 from els.io import read_json, read_safetensors, read_sample
 
-REPO = Path(__file__).resolve().parents[1]
-SNAKEFILE = REPO / "Snakefile"
-PROFILE = REPO / "workflow" / "profiles" / "default"
 REAL_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 SUMMARY_COLUMNS = [
@@ -101,15 +97,9 @@ def tiny_config(local_dir: Path, **sampling) -> dict:
     }
 
 
-def snakemake(workdir: Path, *args: str, config: str = "config.yaml", check: bool = True):
-    """Run the workflow in workdir; returns the CompletedProcess (stdout+stderr in .stdout)."""
-    command = snakemake_command(workdir, "--cores", "2", *args, config=config, profile=PROFILE)
-    env = environment()
-    result = subprocess.run(command, capture_output=True, text=True, env=env)
-    result.stdout = result.stdout + result.stderr
-    if check and result.returncode != 0:
-        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout[-6000:]}")
-    return result
+def snakemake(workdir: Path, *args: str, config: str = "config.yaml", check: bool = True) -> Run:
+    """The workflow in workdir on 2 cores (tiny_workflow.run_snakemake); the log is in .output."""
+    return run_snakemake(workdir, "--cores", "2", *args, config=config, check=check, timeout=1800)
 
 
 def planned_jobs(output: str) -> set[tuple[str, tuple]]:
@@ -125,12 +115,6 @@ def planned_jobs(output: str) -> set[tuple[str, tuple]]:
     return jobs
 
 
-def write_config(workdir: Path, config: dict, name: str = "config.yaml") -> Path:
-    path = workdir / name
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """The tiny workflow, run once: (workdir, config, the run's output)."""
@@ -142,7 +126,7 @@ def tiny_run(tmp_path_factory):
     write_config(workdir, config)
     run = snakemake(workdir)
     report = snakemake(workdir, "--report", "results/report.html")
-    return workdir, config, run.stdout + report.stdout
+    return workdir, config, run.output + report.output
 
 
 # ----------------------------------------------------------------------------- the tiny run
@@ -274,7 +258,7 @@ def test_every_figure_the_report_and_every_log_exist(tiny_run):
 @pytest.mark.slow
 def test_rerun_does_nothing(tiny_run):
     workdir, _, _ = tiny_run
-    out = snakemake(workdir, "-n").stdout
+    out = snakemake(workdir, "-n").output
     assert "Nothing to be done" in out, out[-3000:]
 
 
@@ -295,7 +279,7 @@ def test_batches_of_one_have_the_same_noise_and_nearly_the_same_samples(tiny_run
             assert json.loads(meta["seeds"]) == [seed]
             assert torch.equal(alone["noise"][0], pair["noise"][seed])
             assert (alone["image"][0] - pair["image"][seed]).abs().max() <= 1e-6
-    assert "Nothing to be done" in snakemake(workdir, "-n").stdout
+    assert "Nothing to be done" in snakemake(workdir, "-n").output
 
 
 def _batch_difference(workdir: Path, machine: str, cls: str, dtype: torch.dtype) -> float:
@@ -332,14 +316,14 @@ def test_schedule_change_reruns_sampling_only(tiny_run):
     # an edit that keeps the patch sizes (Snakemake compares contents, not only times)
     schedule.write_text(original + "# edited\n")
     try:
-        jobs = planned_jobs(snakemake(workdir, "-n", "-p").stdout)
+        jobs = planned_jobs(snakemake(workdir, "-n", "-p").output)
     finally:
         schedule.write_text(original)
         os.utime(schedule, (stat.st_atime, stat.st_mtime))
     rules = {rule for rule, _ in jobs}
     assert "sample_batch" in rules and not rules & {"prepare_data", "build_index"}
     assert sum(rule == "sample_batch" for rule, _ in jobs) == 5
-    assert "Nothing to be done" in snakemake(workdir, "-n").stdout
+    assert "Nothing to be done" in snakemake(workdir, "-n").output
 
 
 @pytest.mark.slow
@@ -349,7 +333,7 @@ def test_unknown_config_key_is_a_clear_error(tiny_run):
     bad["sampling"]["devise"] = "cpu"
     write_config(workdir, bad, "bad.yaml")
     result = snakemake(workdir, "-n", config="bad.yaml", check=False)
-    assert result.returncode != 0 and "'devise' was unexpected" in result.stdout
+    assert result.returncode != 0 and "'devise' was unexpected" in result.output
 
 
 @pytest.mark.slow
@@ -359,7 +343,7 @@ def test_adding_a_seed_runs_exactly_the_new_jobs(tiny_run):
     more = json.loads(json.dumps(config))
     more["datasets"]["MNIST"]["seeds"] = [0, 1, 2]
     write_config(workdir, more, "more.yaml")
-    jobs = planned_jobs(snakemake(workdir, "-n", "-p", config="more.yaml").stdout)
+    jobs = planned_jobs(snakemake(workdir, "-n", "-p", config="more.yaml").output)
     w = lambda **kv: tuple(sorted(f"{k}={v}" for k, v in kv.items()))  # noqa: E731
     expected = {("all", ())}
     expected.add(("summary", ()))
@@ -377,7 +361,7 @@ def test_adding_a_seed_runs_exactly_the_new_jobs(tiny_run):
     more["datasets"]["MNIST"]["seeds"] = [0, 1, 2, 3]
     write_config(workdir, more, "more.yaml")
     rules = {
-        rule for rule, _ in planned_jobs(snakemake(workdir, "-n", "-p", config="more.yaml").stdout)
+        rule for rule, _ in planned_jobs(snakemake(workdir, "-n", "-p", config="more.yaml").output)
     }
     assert rules == {
         "all",

@@ -1,7 +1,8 @@
 """Smoke tests for the local single-node SLURM of workflow/slurm/.
 
-The ``slurm`` tests need a running SLURM (``bash workflow/slurm/start.sh``, as root);
-they skip, with the reason, when ``sinfo`` is missing or does not answer.
+The ``slurm`` tests need a running SLURM: one that answers is used, else the local one is started
+(``bash workflow/slurm/start.sh``) when we are root. Without one they skip with the reason, except
+under ``CI=true``, where they fail with start.sh's output and the daemons' logs (slurm_local.py).
 Account and partition: $SLURM_ELS_ACCOUNT (default ``els``), $SLURM_ELS_PARTITION
 (default ``debug``), as set up by start.sh.
 """
@@ -10,18 +11,13 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+from slurm_local import ACCOUNT, PARTITION, SLURM_DIR, unavailable
 
-REPO = Path(__file__).resolve().parents[1]
-SLURM_DIR = REPO / "workflow" / "slurm"
-ACCOUNT = os.environ.get("SLURM_ELS_ACCOUNT", "els")
-PARTITION = os.environ.get("SLURM_ELS_PARTITION", "debug")
 FINAL_STATES = {
     "COMPLETED",
     "FAILED",
@@ -35,64 +31,12 @@ FINAL_STATES = {
 }
 
 
-def _slurmctld_address() -> tuple[str, int] | None:
-    """(host, port) of slurmctld from slurm.conf, or None when it cannot be read."""
-    conf = Path(os.environ.get("SLURM_CONF", "/etc/slurm/slurm.conf"))
-    try:
-        text = conf.read_text()
-    except OSError:
-        return None
-    host = port = None
-    for line in text.splitlines():
-        line = line.split("#", 1)[0].strip()
-        key, _, value = line.partition("=")
-        key, value = key.strip().lower(), value.strip()
-        if key in ("slurmctldhost", "controlmachine") and host is None:
-            m = re.match(r"^([^(\s]+)(?:\(([^)]+)\))?", value)
-            if m:
-                host = m.group(2) or m.group(1)
-        elif key == "slurmctldport":
-            port = int(re.match(r"\d+", value).group(0))
-    return (host, port or 6817) if host else None
-
-
-def _slurm_unavailable_reason() -> str | None:
-    if shutil.which("sinfo") is None:
-        return "sinfo not found: SLURM is not installed (run workflow/slurm/install.sh)"
-    for tool in ("sbatch", "sacct", "sacctmgr"):
-        if shutil.which(tool) is None:
-            return f"{tool} not found: SLURM client tools incomplete"
-    # Fast probe first: sinfo needs ~10 s to give up on a stopped slurmctld.
-    addr = _slurmctld_address()
-    if addr is not None:
-        try:
-            socket.create_connection(addr, timeout=3).close()
-        except OSError as exc:
-            return (
-                f"slurmctld not reachable at {addr[0]}:{addr[1]} ({exc.strerror or exc}); "
-                "start it with workflow/slurm/start.sh"
-            )
-    try:
-        res = subprocess.run(
-            ["sinfo", "-h", "-o", "%P %a %T"], capture_output=True, text=True, timeout=30
-        )
-    except subprocess.TimeoutExpired:
-        return "sinfo did not answer within 30 s (start SLURM with workflow/slurm/start.sh)"
-    if res.returncode != 0:
-        err = (res.stderr or res.stdout).strip().splitlines()
-        detail = err[-1] if err else f"exit {res.returncode}"
-        return f"sinfo failed (start SLURM with workflow/slurm/start.sh): {detail}"
-    if not res.stdout.strip():
-        return "sinfo answered but lists no partition"
-    return None
-
-
 @pytest.fixture(scope="session")
-def slurm() -> None:
-    """Skip (with the reason) unless a SLURM cluster answers; checked once, lazily."""
-    reason = _slurm_unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
+def slurm(slurm_session) -> None:
+    """A usable SLURM (conftest.py's slurm_session starts the local one where it can); skip with
+    the reason otherwise, or under CI fail with the logs (slurm_local.unavailable)."""
+    if slurm_session is not None:
+        unavailable(slurm_session)
 
 
 def _sacct(jobid: str, fields: str) -> list[str]:
@@ -236,3 +180,21 @@ def test_slurm_scripts_are_valid_bash(script: str) -> None:
     assert os.access(path, os.X_OK), f"{script} is not executable"
     res = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
+
+
+def test_an_unusable_slurm_is_a_skip_outside_ci_and_a_failure_with_its_logs_under_ci(
+    monkeypatch, tmp_path
+):
+    import slurm_local
+
+    (tmp_path / "slurmctld.log").write_text("error: something the daemon said\n")
+    monkeypatch.setattr(slurm_local, "LOG_DIR", tmp_path)
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="no partition"):
+        slurm_local.unavailable("sinfo answered but lists no partition")
+    for value in ("true", "1"):
+        monkeypatch.setenv("CI", value)
+        with pytest.raises(pytest.fail.Exception) as failure:
+            slurm_local.unavailable("sinfo answered but lists no partition")
+        message = str(failure.value)
+        assert "no partition" in message and "something the daemon said" in message

@@ -25,7 +25,8 @@ import yaml
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-SNAKEFILE = REPO / "Snakefile"
+# ELS_SNAKEFILE: run the workflow tests against another checkout (e.g. one being integrated)
+SNAKEFILE = Path(os.environ.get("ELS_SNAKEFILE", REPO / "Snakefile")).resolve()
 DEFAULT_PROFILE = REPO / "workflow" / "profiles" / "default"
 SLURM_PROFILE = REPO / "workflow" / "profiles" / "slurm"
 AUDIT_DIR = Path(__file__).resolve().parent / "atomic_audit"

@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..index import PatchIndex, check_patch_size
+from ..io import write_with
 from ..machines import score as machine_score
 from ..scales import validate_scales, write_scales
 from .sample import CnnTrajectory
@@ -132,7 +133,8 @@ class Calibration:
             lines.append(comment)
         write_scales(schedule_path, self.scales, comment="\n".join(lines))
         if table_path is not None:
-            self.table().to_csv(table_path, index=False)
+            table = self.table()
+            write_with(table_path, lambda tmp: table.to_csv(tmp, index=False))
 
 
 def calibrate(
@@ -191,5 +193,7 @@ def plot_calibration(result: Calibration, path: str | Path, *, title: str = "") 
     ax.legend(loc="lower right", fontsize=7)
     fig.colorbar(im, ax=ax, label="median cosine over samples")
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    try:
+        write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=130))
+    finally:
+        plt.close(fig)

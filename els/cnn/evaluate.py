@@ -13,6 +13,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from ..io import write_with
+
 
 def pearson_r(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Pearson r between a[i] and b[i] flattened and centred, [B] float64. An image with no variance
@@ -122,8 +124,10 @@ def plot_r2_scatter(
     )
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
+    try:
+        write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=150))
+    finally:
+        plt.close(fig)
 
 
 def plot_sample_grid(
@@ -160,5 +164,7 @@ def plot_sample_grid(
             if column_notes and name in column_notes:
                 ax.set_xlabel(column_notes[name][i], fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
+    try:
+        write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=150))
+    finally:
+        plt.close(fig)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from ..safetensors_file import save_file
+from ..io import write_safetensors
 
 ARCHITECTURES = ("resnet", "unet")
 PADDINGS = ("zeros", "circular")
@@ -253,10 +253,7 @@ def save_model(
     """state_dict -> safetensors, ModelConfig (and any extra string metadata) in the header; atomic."""
     path = Path(path)
     meta = {"format": MODEL_FORMAT, "model_config": model.config.to_json(), **(metadata or {})}
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata=meta)
-    tmp.replace(path)
+    write_safetensors(path, model.state_dict(), meta)
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from ..api import sample as machine_sample
 from ..data import load_prepared
-from ..safetensors_file import save_file
+from ..io import copy_file, write_safetensors, write_with
 from ..scales import read_scales
 from .calibrate import DEFAULT_PATCH_SIZES, calibrate, plot_calibration
 from .evaluate import display_name, plot_r2_scatter, plot_sample_grid, r2_table, summarize
@@ -168,16 +168,6 @@ def _labels(settings: CnnSettings, cls, n: int) -> torch.Tensor | None:
     return torch.full((n,), int(cls), dtype=torch.long) if settings.conditional else None
 
 
-def _save(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(
-        {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta
-    )
-    tmp.replace(path)
-
-
 # ----------------------------------------------------------------------------- stages
 
 
@@ -215,10 +205,7 @@ def stage_train(
         ("loss.csv", loss_csv_out),
         ("loss.png", loss_png_out),
     ):
-        Path(dst).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(str(dst) + ".tmp")
-        tmp.write_bytes((work / src).read_bytes())
-        tmp.replace(dst)
+        copy_file(work / src, dst)
     return {
         "parameters": result.parameters,
         "steps": result.steps,
@@ -291,7 +278,7 @@ def stage_sample_cnn(
     images = sample_cnn(
         model, noise.to(device), _labels(settings, cls, len(seeds)), settings.n_steps, disable=True
     )
-    _save(
+    write_safetensors(
         out_path,
         {"noise": noise, "image": images, "seeds": torch.tensor(seeds)},
         {
@@ -339,7 +326,7 @@ def stage_sample_machines(
         out[kind] = machine_sample(
             kind, images, scales, noise, device=device, disable=True, **options
         ).cpu()
-    _save(
+    write_safetensors(
         out_path,
         out,
         {
@@ -393,14 +380,13 @@ def stage_evaluate(
 
     df = pd.concat(tables, ignore_index=True)
     df.insert(0, "model", settings.name)
-    df.to_csv(r2_out, index=False)
+    write_with(r2_out, lambda tmp: df.to_csv(tmp, index=False))
     summary = summarize(df)
     summary.insert(0, "model", settings.name)
-    summary.to_csv(summary_out, index=False)
+    write_with(summary_out, lambda tmp: summary.to_csv(tmp, index=False))
     if machines_out is not None:
-        machine_rows(df, settings.compared_machines, settings.name).to_csv(
-            machines_out, index=False
-        )
+        rows = machine_rows(df, settings.compared_machines, settings.name)
+        write_with(machines_out, lambda tmp: rows.to_csv(tmp, index=False))
     plot_r2_scatter(
         df,
         scatter_out,

@@ -25,8 +25,8 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from ..index import images_fingerprint, to_float
-from ..safetensors_file import save_file
+from ..index import to_float
+from ..io import ContentHasher, content_sha256, write_safetensors, write_with
 from .models import (
     ModelConfig,
     NoisePredictor,
@@ -164,9 +164,11 @@ def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta_json: str) 
 
 
 def data_fingerprint(images: torch.Tensor, labels: torch.Tensor | None) -> str:
-    h = hashlib.sha256(images_fingerprint(images).encode())
+    """sha256 of the images' content hash (els.io.content_sha256) followed by the labels' int64
+    bytes: a checkpoint resumes only on the data it was trained on."""
+    h = ContentHasher().text(content_sha256(images))
     if labels is not None:
-        h.update(labels.detach().cpu().to(torch.int64).numpy().tobytes())
+        h.tensor(labels.to(torch.int64), describe=False)
     return h.hexdigest()
 
 
@@ -177,9 +179,7 @@ def save_checkpoint(
     opt_tensors, opt_meta = flatten_optimizer_state(optimizer.state_dict())
     tensors.update(opt_tensors)
     meta = {"format": CHECKPOINT_FORMAT, "optimizer": opt_meta, **meta}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
+    write_safetensors(path, tensors, meta)
 
 
 def load_checkpoint(
@@ -234,10 +234,14 @@ def _trim_loss_log(path: Path, max_step: int) -> None:
     if path.exists():
         with path.open(newline="") as f:
             rows = [r for r in csv.DictReader(f) if int(r["step"]) <= max_step]
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, LOSS_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, LOSS_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    write_with(path, write)
 
 
 def plot_loss(csv_path: str | Path, png_path: str | Path, title: str = "training loss") -> None:
@@ -265,8 +269,10 @@ def plot_loss(csv_path: str | Path, png_path: str | Path, title: str = "training
     ax.set_ylabel("epsilon MSE")
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(png_path, dpi=120)
-    plt.close(fig)
+    try:
+        write_with(png_path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    finally:
+        plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- the loop

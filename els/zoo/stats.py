@@ -14,13 +14,13 @@ valid for every schedule.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import torch
 
 from ..index import images_fingerprint, to_float
+from ..io import content_sha256
 
 FORMAT = "els.ZooStats"
 FORMAT_VERSION = 1
@@ -167,12 +167,7 @@ class ZooStats:
 
     @staticmethod
     def _content_hash(tensors: dict[str, torch.Tensor]) -> str:
-        h = hashlib.sha256()
-        for name in sorted(tensors):
-            t = tensors[name]
-            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        return h.hexdigest()
+        return content_sha256(tensors)
 
     def save(self, path: str | Path, metadata: dict | None = None) -> None:
         """Write as safetensors (no pickle), atomically, with a content checksum; metadata: extra
