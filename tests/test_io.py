@@ -131,11 +131,14 @@ def test_cnn_data_fingerprint_is_unchanged():
 
 
 def test_index_fingerprints_are_content_sha256():
-    """els.index's fingerprint of the training images and checksum of an index file's tensors are
-    this scheme, so the index can use content_sha256 and existing index files still verify."""
+    """els.index's fingerprint of the training images and checksum of an index file's images are
+    this scheme: the sha256 of the description and the bytes, by hand."""
+    import hashlib
+
     from els.index import PatchIndex, images_fingerprint
 
     images = torch.randint(0, 256, (3, 1, 5, 5), dtype=torch.uint8)
-    assert images_fingerprint(images) == content_sha256(images)
-    tensors = {"b": torch.randn(2, 3), "a": images, "empty": torch.zeros(0, dtype=torch.int64)}
-    assert PatchIndex._content_hash(tensors) == content_sha256(tensors)
+    by_hand = hashlib.sha256(b"torch.uint8|(3, 1, 5, 5)|" + images.numpy().tobytes()).hexdigest()
+    assert images_fingerprint(images) == content_sha256(images) == by_hand
+    named = hashlib.sha256(b"images|torch.uint8|(3, 1, 5, 5)|" + images.numpy().tobytes())
+    assert PatchIndex._content_hash(images) == named.hexdigest()
