@@ -15,12 +15,15 @@ LOCK_HINT := if [ -n "$$(ls -A .snakemake/locks 2>/dev/null)" ]; then echo; \
 .PHONY: setup run report dry-run unlock test lint clean
 
 # The virtual environment: CPU/CUDA torch from PyPI first (pinned), then this package with the
-# workflow and test tools (pyproject.toml's `dev` extra). Redone when pyproject.toml changes.
+# workflow and test tools (pyproject.toml's `dev` extra), then the CPU kernel compiled once into
+# ~/.cache/els (els/kernel.py; about 40 s; without a compiler it warns and
+# the library uses its torch path). Redone when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -e '.[dev]'
+	$(PY) -c "from els.kernel import compiled_kernel; compiled_kernel()"
 	touch $@
 
 setup: $(VENV)/.installed

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import hashlib
+import importlib.util
 import json
 import logging
 import operator
@@ -35,22 +36,39 @@ import shutil
 import socket
 import struct
 import subprocess
+import sys
 import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision
 from PIL import Image, UnidentifiedImageError
 from safetensors import safe_open
-from torchvision.datasets.folder import IMG_EXTENSIONS
-from torchvision.datasets.utils import extract_archive
 from tqdm import tqdm
 
 from .io import content_sha256, write_safetensors
 
 logger = logging.getLogger(__name__)
+
+
+def _lazy_module(name: str):
+    """`name` imported on first attribute access (importlib's LazyLoader): torchvision takes about
+    2.5 s to import, and most users of this module (every workflow job that reads a prepared
+    file, the workflow's start-up) never touch it."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.find_spec(name)
+    spec.loader = importlib.util.LazyLoader(spec.loader)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+torchvision = _lazy_module("torchvision")
+# torchvision.datasets.folder.IMG_EXTENSIONS: the files an image folder's classes are read from
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 DATASETS = ("MNIST", "FashionMNIST", "CIFAR10", "imagefolder")
 
@@ -387,7 +405,7 @@ def _find_cifar10_in_local_dir(local_dir: Path, raw_root: Path) -> Path | None:
             # The archive is checked before extraction so that nothing unverified is unpacked.
             _require_md5(archive, cifar.tgz_md5, "torchvision's record of the CIFAR10 archive")
             raw_root.mkdir(parents=True, exist_ok=True)
-            extract_archive(str(archive), str(raw_root))
+            torchvision.datasets.utils.extract_archive(str(archive), str(raw_root))
             return raw_root
     return None
 

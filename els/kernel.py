@@ -77,6 +77,19 @@ def _build_dir() -> Path:
     return root / f"patch_softmax_{key}"
 
 
+def _sources_in(build: Path) -> Path:
+    """The kernel's sources copied into its build directory (the copy's path is what torch's
+    builder records, so checkouts in different places share one build instead of rebuilding
+    it whenever another one loads it). Returns the .cpp's copy."""
+    from .io import copy_file
+
+    for source in (SOURCE, HEADER):
+        copy = build / source.name
+        if not copy.is_file() or copy.read_bytes() != source.read_bytes():
+            copy_file(source, copy)
+    return build / SOURCE.name
+
+
 def _load():
     build = _build_dir()
     fresh = not any(build.glob("*.so"))
@@ -96,7 +109,7 @@ def _load():
 
         return cpp_extension.load(
             name=f"els_{build.name}",
-            sources=[str(SOURCE)],
+            sources=[str(_sources_in(build))],
             extra_cflags=CFLAGS,
             extra_ldflags=["-fopenmp"],
             build_directory=str(build),

@@ -1,3 +1,5 @@
+import shutil
+
 import pytest
 import torch
 
@@ -18,3 +20,13 @@ def slurm_session():
     yield reason
     if started_as is not None:
         stop_slurm(started_as)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _installed_slurm_is_up(request):
+    """Where SLURM is installed, its controller is up for the whole session: Snakemake's SLURM
+    plugin runs `scontrol show config` whenever snakemake starts, and with SLURM installed but its
+    controller down that call waits 10 s; with it up each of the tests' many snakemake runs starts
+    in about 2 s. (Where SLURM is not installed, scontrol is missing and costs nothing.)"""
+    if shutil.which("scontrol") is not None:
+        request.getfixturevalue("slurm_session")

@@ -593,3 +593,12 @@ def test_real_fashion_mnist_from_debian_copy(tmp_path) -> None:
     assert verified == {"sha256 (recorded)"}
     sandal, _ = load_prepared(out, cls=5, max_per_class=100)
     assert sandal.shape == (100, 1, 32, 32)
+
+
+def test_image_extensions_are_torchvisions():
+    """els.data keeps its own copy so that reading a prepared file never imports torchvision."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    from els import data
+
+    assert data.IMG_EXTENSIONS == IMG_EXTENSIONS
