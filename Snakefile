@@ -1,4 +1,5 @@
-# ELS reproduction pipeline: data -> index (or zoo stats) -> sample -> neighbours -> figures/summary.
+# ELS reproduction pipeline: data -> index (or zoo stats) -> sample -> per-seed files
+# (neighbours, figures) -> grids, comparison, summary.
 #   snakemake --cores all --workflow-profile workflow/profiles/default [--configfile FILE]
 # See README.md (config keys, output layout, partial reruns) and docs/robust-runs.md.
 from snakemake.utils import min_version
@@ -23,7 +24,7 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/index.smk"
 include: "workflow/rules/stats.smk"
 include: "workflow/rules/sample.smk"
-include: "workflow/rules/neighbours.smk"
+include: "workflow/rules/seed.smk"
 include: "workflow/rules/figures.smk"
 
 

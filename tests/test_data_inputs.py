@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow
 
 TRAIN = f"results/data/{DATASET}/train.safetensors"
 META = f"results/data/{DATASET}/meta.json"
-DOWNSTREAM = {"build_index", "sample_batch", "sample_seed", "neighbours", "pair_figure"}
+DOWNSTREAM = {"build_index", "sample_batch", "finish_seed"}
 
 
 @pytest.fixture

@@ -69,7 +69,7 @@ def test_els_sample_runs_exactly_the_one_sample_and_prints_its_pngs(workdir):
     dry = els_command(*args, "--seed", "2", "--dry-run", cwd=workdir)
     assert dry.returncode == 0, dry.stderr[-3000:]
     jobs = dry.stdout + dry.stderr
-    for rule in ("sample_batch", "sample_seed", "neighbours", "pair_figure"):
+    for rule in ("sample_batch", "finish_seed"):
         assert f"rule {rule}:" in jobs
     assert "rule grid_figure:" not in jobs and "rule summary:" not in jobs
     assert "rule build_index:" not in jobs and "rule prepare_data:" not in jobs

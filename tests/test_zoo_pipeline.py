@@ -45,7 +45,7 @@ def zoo_config(folder) -> dict:
         "zoo": {"scfdm": {"n_noise": 3, "top_k": 3}},
         "resources": {
             stage: {"threads": 1, "mem_mb": 500, "runtime": 10}
-            for stage in ("data", "stats", "sample", "neighbours", "figures")
+            for stage in ("data", "stats", "sample", "seed", "figures")
         },
     }
 

@@ -2,8 +2,8 @@
 
 A 32x32 gray image folder with two classes of 4 images each (source: imagefolder), class 0 only,
 bbELS, seeds 0 and 1 sampled in one batch, a 3-step schedule that needs one patch index (k = 3),
-no trajectories, no provenance, no comparison: 10 jobs (prepare_data, build_index, sample_batch, 2 x sample_seed,
-2 x neighbours, 2 x pair_figure, grid_figure, summary). `reference_run` runs it once per test
+no trajectories, no provenance, no comparison: 8 jobs (prepare_data, select_data, build_index,
+sample_batch, 2 x finish_seed, grid_figure, summary). `reference_run` runs it once per test
 session, locally (`--cores 2`), with tests/atomic_audit on PYTHONPATH so that every write under
 results/ is recorded.
 """
@@ -81,7 +81,7 @@ def tiny_config(image_folder: Path, **sampling) -> dict:
         },
         "resources": {
             stage: {"threads": 1, "mem_mb": 500, "runtime": 10}
-            for stage in ("data", "index", "sample", "neighbours", "figures")
+            for stage in ("data", "index", "sample", "seed", "figures")
         },
     }
 

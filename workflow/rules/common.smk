@@ -181,3 +181,39 @@ def figure_targets():
 
 def all_targets():
     return [SUMMARY, *figure_targets()] if SAMPLES else []
+
+
+def seed_outputs(provenance):
+    """The output files of finish_seed: the figures are report items (workflow/report/*.rst)."""
+    outputs = {
+        "sample": SAMPLE,
+        "png": SAMPLE_PNG,
+        "neighbours": NEIGHBOURS,
+        "neighbour_images": NEIGHBOUR_IMAGES,
+        "pair": report(
+            PAIR,
+            caption="../report/pair.rst",
+            category="{dataset} samples and nearest training images",
+            subcategory="{machine}",
+            labels={"class": "{cls}", "seed": "{seed}"},
+        ),
+    }
+    if TRAJECTORY:
+        outputs["trajectory"] = report(
+            TRAJECTORY_FIG,
+            caption="../report/trajectory.rst",
+            category="{dataset} trajectories",
+            subcategory="{machine}",
+            labels={"class": "{cls}", "seed": "{seed}"},
+        )
+    if provenance:
+        outputs["provenance"] = PROVENANCE_FILE
+        outputs["provenance_summary"] = PROVENANCE_JSON
+        outputs["provenance_figure"] = report(
+            PROVENANCE_FIG,
+            caption="../report/provenance.rst",
+            category="{dataset} patch-mosaic provenance",
+            subcategory="{machine}",
+            labels={"class": "{cls}", "seed": "{seed}"},
+        )
+    return outputs

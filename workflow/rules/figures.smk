@@ -1,57 +1,6 @@
-# Stage 5: figures (one rule per kind) and the summary table. Every figure goes into the report
+# Stage 5: what spans samples: the grids, the machine comparison and the summary table. Every
+# figure (these and the per-seed ones of stage 4) goes into the report
 # (snakemake --report results/report.html) with its caption from workflow/report/*.rst.
-
-
-rule pair_figure:
-    input:
-        sample=SAMPLE,
-        neighbours=NEIGHBOURS,
-        neighbour_images=NEIGHBOUR_IMAGES,
-    output:
-        report(
-            PAIR,
-            caption="../report/pair.rst",
-            category="{dataset} samples and nearest training images",
-            subcategory="{machine}",
-            labels={"class": "{cls}", "seed": "{seed}"},
-        ),
-    log:
-        "logs/pair_figure/{dataset}/{machine}/{cls}/seed{seed}.log",
-    benchmark:
-        "logs/benchmarks/pair_figure/{dataset}/{machine}/{cls}/seed{seed}.tsv"
-    conda:
-        "../envs/els.yaml"
-    threads: stage("figures", "threads")
-    resources:
-        mem_mb=stage("figures", "mem_mb"),
-        runtime=stage("figures", "runtime"),
-    script:
-        "../scripts/pair_figure.py"
-
-
-rule trajectory_figure:
-    input:
-        sample=SAMPLE,
-    output:
-        report(
-            TRAJECTORY_FIG,
-            caption="../report/trajectory.rst",
-            category="{dataset} trajectories",
-            subcategory="{machine}",
-            labels={"class": "{cls}", "seed": "{seed}"},
-        ),
-    log:
-        "logs/trajectory_figure/{dataset}/{machine}/{cls}/seed{seed}.log",
-    benchmark:
-        "logs/benchmarks/trajectory_figure/{dataset}/{machine}/{cls}/seed{seed}.tsv"
-    conda:
-        "../envs/els.yaml"
-    threads: stage("figures", "threads")
-    resources:
-        mem_mb=stage("figures", "mem_mb"),
-        runtime=stage("figures", "runtime"),
-    script:
-        "../scripts/trajectory_figure.py"
 
 
 rule grid_figure:
@@ -129,33 +78,3 @@ rule summary:
         runtime=10,
     script:
         "../scripts/summary.py"
-
-
-rule provenance:
-    input:
-        batch=batch_of_seed,
-        train=TRAIN,
-    output:
-        provenance=PROVENANCE_FILE,
-        summary=PROVENANCE_JSON,
-        figure=report(
-            PROVENANCE_FIG,
-            caption="../report/provenance.rst",
-            category="{dataset} patch-mosaic provenance",
-            subcategory="{machine}",
-            labels={"class": "{cls}", "seed": "{seed}"},
-        ),
-    log:
-        "logs/provenance/{dataset}/{machine}/{cls}/seed{seed}.log",
-    benchmark:
-        "logs/benchmarks/provenance/{dataset}/{machine}/{cls}/seed{seed}.tsv"
-    conda:
-        "../envs/els.yaml"
-    threads: stage("figures", "threads")
-    resources:
-        mem_mb=stage("figures", "mem_mb"),
-        runtime=stage("figures", "runtime"),
-    params:
-        max_train_per_class=lambda wc: dataset_config(wc).get("max_train_per_class"),
-    script:
-        "../scripts/provenance.py"

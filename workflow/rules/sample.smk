@@ -1,6 +1,6 @@
 # Stage 3: sampling. A batch job samples every seed of an aligned block of sampling.batch_seeds seeds
 # (batch 'seeds0-1', 'seeds2-3', ...) of one (dataset, machine, class) in a single els.sample call;
-# sample_seed then writes one file per seed (+ PNG) in the stable layout. Noise comes from
+# finish_seed (seed.smk) then writes each seed's files in the stable layout. Noise comes from
 # els.noise.noise_for(dataset, class, seed) only. See els/config.py for why blocks are sampled whole.
 
 
@@ -32,23 +32,3 @@ rule sample_batch:
         zoo=lambda wc: plan.zoo_params(config, wc.machine),
     script:
         "../scripts/sample_batch.py"
-
-
-rule sample_seed:
-    input:
-        batch=batch_of_seed,
-    output:
-        sample=SAMPLE,
-        png=SAMPLE_PNG,
-    log:
-        "logs/sample_seed/{dataset}/{machine}/{cls}/seed{seed}.log",
-    benchmark:
-        "logs/benchmarks/sample_seed/{dataset}/{machine}/{cls}/seed{seed}.tsv"
-    conda:
-        "../envs/els.yaml"
-    threads: 1
-    resources:
-        mem_mb=1000,
-        runtime=5,
-    script:
-        "../scripts/sample_seed.py"
