@@ -21,9 +21,18 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from data_factory import write_idx_dataset, write_schedule
+from data_factory import write_schedule
 from PIL import Image
-from tiny_workflow import REPO, SNAKEFILE, Run, run_snakemake, write_config
+from tiny_workflow import (
+    FULL_COMPARISON,
+    REPO,
+    SNAKEFILE,
+    Run,
+    copy_of,
+    full_run,
+    run_snakemake,
+    write_config,
+)
 
 from els.data import load_prepared
 from els.index import to_float
@@ -49,48 +58,13 @@ SUMMARY_COLUMNS = [
 RULES_WITH_FILES = [
     "prepare_data",
     "build_index",
+    "build_stats",
     "sample_batch",
-    "finish_seed",
+    "finish_seed",  # with finish_seed_without_provenance (wiener), whose logs are the same
     "grid_figure",
     "comparison_figure",
     "summary",
 ]
-
-
-def tiny_config(local_dir: Path, **sampling) -> dict:
-    schedule = "scales/tiny.txt"
-    return {
-        "datasets": {
-            "MNIST": {
-                "source": "torchvision",
-                "conditional": True,
-                "classes": [0, 1],
-                "max_train_per_class": 6,
-                "seeds": [0, 1],
-                "machines": ["bbels"],
-                "schedules": {m: schedule for m in ("ideal", "ls", "els", "bbels")},
-                "comparison": {
-                    "classes": [1],
-                    "seeds": [0],
-                    "machines": ["ideal", "ls", "els", "bbels"],
-                },
-            }
-        },
-        "data": {
-            "root": "results/raw",
-            "local_dirs": [str(local_dir)],
-            "allow_download": False,
-            "allow_apt": False,
-        },
-        "sampling": {
-            "device": "cpu",
-            "dtype": "float32",
-            "batch_seeds": 2,
-            "trajectory": True,
-            **sampling,
-        },
-        "resources": {"sample": {"threads": 1}},
-    }
 
 
 def snakemake(workdir: Path, *args: str, config: str = "config.yaml", check: bool = True) -> Run:
@@ -113,16 +87,15 @@ def planned_jobs(output: str) -> set[tuple[str, tuple]]:
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """The tiny workflow, run once: (workdir, config, the run's output)."""
-    root = tmp_path_factory.mktemp("tiny")
-    write_idx_dataset(root / "local" / "MNIST")
-    workdir = root / "work"
-    write_schedule(workdir / "scales" / "tiny.txt", [3, 3, 5, 5])
-    config = tiny_config(root / "local")
-    write_config(workdir, config)
-    run = snakemake(workdir)
-    report = snakemake(workdir, "--report", "results/report.html")
-    return workdir, config, run.output + report.output
+    """The full tiny run (tests/tiny_workflow.py): (workdir, config, the run's output)."""
+    return full_run(tmp_path_factory)
+
+
+@pytest.fixture
+def changeable_run(tiny_run, tmp_path):
+    """A copy of the full tiny run for a test that adds to it: (workdir, config)."""
+    workdir, config, _ = tiny_run
+    return copy_of(workdir, tmp_path / "work"), config
 
 
 # ----------------------------------------------------------------------------- the tiny run
@@ -134,10 +107,14 @@ def test_summary_has_one_row_per_sample_and_the_columns(tiny_run):
     table = pd.read_csv(workdir / "results" / "summary.csv")
     assert set(SUMMARY_COLUMNS) <= set(table.columns)
     expected = {("bbels", c, s) for c in (0, 1) for s in (0, 1)}
-    expected |= {(m, 1, 0) for m in ("ideal", "ls", "els", "bbels")}
+    expected |= {(m, 1, 0) for m in FULL_COMPARISON}
     assert {(r.machine, r["class"], r.seed) for _, r in table.iterrows()} == expected
     assert len(table) == len(expected) and (table.dataset == "MNIST").all()
-    assert table.notna()[SUMMARY_COLUMNS].all().all()
+    # every column is filled, but the mosaic numbers of wiener (no dominant training image)
+    mosaic = ["n_sources", "top_source_share", "mean_dominant_weight"]
+    assert table.notna()[[c for c in SUMMARY_COLUMNS if c not in mosaic]].all().all()
+    table = table[table.machine != "wiener"]
+    assert table.notna()[mosaic].all().all()
     assert (table.runtime_s > 0).all() and (table.runtime_s <= table.batch_runtime_s).all()
     assert (table.nn_distance <= table.nn_distance_in_class + 1e-9).all()
     # the ideal score copies one training image: every pixel from it; the local machines mix
@@ -151,7 +128,8 @@ def test_summary_has_one_row_per_sample_and_the_columns(tiny_run):
 def test_provenance_files_agree_with_the_summary(tiny_run):
     workdir, _, _ = tiny_run
     table = pd.read_csv(workdir / "results" / "summary.csv")
-    for _, row in table.iterrows():
+    assert not (workdir / "results" / "provenance" / "MNIST" / "wiener").exists()
+    for _, row in table[table.machine != "wiener"].iterrows():
         stem = workdir / "results" / "provenance" / "MNIST" / row.machine / str(row["class"])
         tensors, meta = read_safetensors(stem / f"seed{row.seed}.safetensors")
         source = tensors["source_image"]
@@ -160,7 +138,7 @@ def test_provenance_files_agree_with_the_summary(tiny_run):
         _, counts = torch.unique(source, return_counts=True)
         assert row.n_sources == len(counts)
         assert row.top_source_share == pytest.approx(counts.max().item() / source.numel())
-        if row.machine in ("ideal", "ls"):  # these machines cannot move a patch
+        if row.machine in ("ideal", "ls", "scfdm"):  # these machines cannot move a patch
             assert torch.equal(tensors["source_row"], torch.arange(32).view(32, 1).expand(32, 32))
 
 
@@ -211,9 +189,9 @@ def test_same_noise_across_machines_and_ideal_score_copies_a_training_image(tiny
     workdir, _, _ = tiny_run
     samples = {
         m: read_sample(workdir / f"results/samples/MNIST/{m}/1/seed0.safetensors")
-        for m in ("ideal", "ls", "els", "bbels")
+        for m in FULL_COMPARISON
     }
-    for m in ("ls", "els", "bbels"):
+    for m in FULL_COMPARISON:
         assert torch.equal(samples[m].noise, samples["ideal"].noise)
     assert not torch.equal(
         samples["bbels"].noise,
@@ -231,7 +209,8 @@ def test_every_figure_the_report_and_every_log_exist(tiny_run):
     table = pd.read_csv(workdir / "results" / "summary.csv")
     expected = [figures / "grid_bbels.png", figures / "comparison" / "1" / "seed0.png"]
     for _, row in table.iterrows():
-        for kind in ("pairs", "trajectories", "provenance"):
+        kinds = ("pairs", "trajectories") + (("provenance",) if row.machine != "wiener" else ())
+        for kind in kinds:
             expected.append(
                 figures / kind / row.machine / str(row["class"]) / f"seed{row.seed}.png"
             )
@@ -262,13 +241,13 @@ BATCH_CASES = (("bbels", "0"), ("els", "1"), ("ideal", "1"))
 
 
 @pytest.mark.slow
-def test_batches_of_one_have_the_same_noise_and_nearly_the_same_samples(tiny_run):
+def test_batches_of_one_have_the_same_noise_and_nearly_the_same_samples(changeable_run):
     """Seeds 0 and 1 sampled alone (batches seeds0-0, seeds1-1) against the seeds0-1 batch, float32
     (the config's dtype): the same noise, the same samples to 1e-6."""
-    workdir, _, _ = tiny_run
-    for machine, cls in BATCH_CASES:
-        base = f"results/samples/MNIST/{machine}/{cls}/batches"
-        snakemake(workdir, f"{base}/seeds0-0.safetensors", f"{base}/seeds1-1.safetensors")
+    workdir, _ = changeable_run
+    bases = [f"results/samples/MNIST/{machine}/{cls}/batches" for machine, cls in BATCH_CASES]
+    snakemake(workdir, *(f"{base}/seeds{s}-{s}.safetensors" for base in bases for s in (0, 1)))
+    for base in bases:
         pair, _ = read_safetensors(workdir / base / "seeds0-1.safetensors")
         for seed in (0, 1):
             alone, meta = read_safetensors(workdir / base / f"seeds{seed}-{seed}.safetensors")
@@ -318,7 +297,8 @@ def test_schedule_change_reruns_sampling_only(tiny_run):
         os.utime(schedule, (stat.st_atime, stat.st_mtime))
     rules = {rule for rule, _ in jobs}
     assert "sample_batch" in rules and not rules & {"prepare_data", "build_index"}
-    assert sum(rule == "sample_batch" for rule, _ in jobs) == 5
+    # bbELS: 2 classes x 1 batch; the comparison's other five machines: 1 batch each
+    assert sum(rule == "sample_batch" for rule, _ in jobs) == 7
     assert "Nothing to be done" in snakemake(workdir, "-n").output
 
 
@@ -333,9 +313,9 @@ def test_unknown_config_key_is_a_clear_error(tiny_run):
 
 
 @pytest.mark.slow
-def test_adding_a_seed_runs_exactly_the_new_jobs(tiny_run):
+def test_adding_a_seed_runs_exactly_the_new_jobs(changeable_run):
     """Seed 2 (a new block: batch seeds2-3) for both classes; then seed 3 (block exists: no batch)."""
-    workdir, config, _ = tiny_run
+    workdir, config = changeable_run
     more = json.loads(json.dumps(config))
     more["datasets"]["MNIST"]["seeds"] = [0, 1, 2]
     write_config(workdir, more, "more.yaml")
@@ -351,7 +331,8 @@ def test_adding_a_seed_runs_exactly_the_new_jobs(tiny_run):
         expected.add(("finish_seed", w(dataset="MNIST", machine="bbels", cls=cls, seed=2)))
     assert jobs == expected
     snakemake(workdir, config="more.yaml")
-    assert len(pd.read_csv(workdir / "results" / "summary.csv")) == 9  # 6 bbELS + 3 comparison
+    # 6 bbELS + the comparison's 5 other machines
+    assert len(pd.read_csv(workdir / "results" / "summary.csv")) == 6 + len(FULL_COMPARISON) - 1
     # seed 3 lives in the block seeds2-3, already sampled: only per-seed jobs and the aggregates
     more["datasets"]["MNIST"]["seeds"] = [0, 1, 2, 3]
     write_config(workdir, more, "more.yaml")

@@ -295,3 +295,72 @@ def reference_run(tmp_path_factory) -> Run:
 def reference_audit(tmp_path_factory) -> list[dict]:
     reference_run(tmp_path_factory)
     return read_audit(_REFERENCE["audit"])  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- the full tiny run
+
+# the machines of the full run's comparison: the four patch machines and two of the zoo's
+# (wiener: no provenance; scfdm: an image-level softmax; the rest are in tests/test_zoo.py)
+FULL_COMPARISON = ["ideal", "ls", "els", "bbels", "wiener", "scfdm"]
+
+
+def full_config(local_dir: Path, **sampling) -> dict:
+    """MNIST-format IDX files (tests/data_factory.py, two classes of bar images) with every kind of
+    output: bbELS for classes 0 and 1 x seeds 0 and 1 from the first 6 images of each class, a
+    4-step schedule, trajectories, provenance, and the comparison of FULL_COMPARISON for class 1,
+    seed 0."""
+    schedule = "scales/tiny.txt"
+    return {
+        "datasets": {
+            "MNIST": {
+                "source": "torchvision",
+                "conditional": True,
+                "classes": [0, 1],
+                "max_train_per_class": 6,
+                "seeds": [0, 1],
+                "machines": ["bbels"],
+                "schedules": {m: schedule for m in FULL_COMPARISON},
+                "comparison": {"classes": [1], "seeds": [0], "machines": FULL_COMPARISON},
+            }
+        },
+        "data": {
+            "root": "results/raw",
+            "local_dirs": [str(local_dir)],
+            "allow_download": False,
+            "allow_apt": False,
+        },
+        "sampling": {
+            "device": "cpu",
+            "dtype": "float32",
+            "batch_seeds": 2,
+            "trajectory": True,
+            **sampling,
+        },
+        "zoo": {"scfdm": {"n_noise": 3, "top_k": 3}},
+        "resources": {"sample": {"threads": 1}},
+    }
+
+
+def full_run(tmp_path_factory) -> tuple[Path, dict, str]:
+    """The full tiny run and its report, once per session (tests/test_pipeline.py, test_report.py,
+    test_zoo_pipeline.py read it; a test that changes a workdir works on a copy_of it):
+    (workdir, config, the runs' output)."""
+    if "full" not in _REFERENCE:
+        from data_factory import write_idx_dataset, write_schedule
+
+        root = tmp_path_factory.mktemp("full")
+        write_idx_dataset(root / "local" / "MNIST")
+        workdir = root / "work"
+        write_schedule(workdir / "scales" / "tiny.txt", [3, 3, 5, 5])
+        config = full_config(root / "local")
+        write_config(workdir, config)
+        run = run_snakemake(workdir, "--cores", "2", timeout=1800)
+        report = run_snakemake(workdir, "--cores", "2", "--report", "results/report.html")
+        _REFERENCE["full"] = (workdir, config, run.output + report.output)
+    return _REFERENCE["full"]  # type: ignore[return-value]
+
+
+def copy_of(workdir: Path, target: Path) -> Path:
+    """A copy of a finished workdir (results, logs, Snakemake's records) to change freely."""
+    shutil.copytree(workdir, target, symlinks=True)
+    return target
