@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import els  # noqa: E402
-from benchmarks.run_benchmark import FASHION_RESNET, PeakRSS  # noqa: E402
+from benchmarks.run_benchmark import FASHION_RESNET, PeakMemory  # noqa: E402
 from els.data import load_prepared, prepare_dataset  # noqa: E402
 from els.noise import noise_for, noise_key  # noqa: E402
 
@@ -57,7 +57,7 @@ def timed(fn, device):
     if gpu:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    with PeakRSS() as mem:
+    with PeakMemory() as mem:
         start = time.perf_counter()
         out = fn()
         if gpu:
@@ -103,6 +103,7 @@ def main(argv=None) -> None:
                 "peak_memory_gb": f"{peak:.2f}",
                 "load_before": f"{load_before:.2f}",
                 "load_after": f"{os.getloadavg()[0]:.2f}",
+                "seconds": sample_s,  # unrounded, for the ratio (not a column)
             }
         )
         print(rows[-1], flush=True)
@@ -134,10 +135,10 @@ def main(argv=None) -> None:
         )
         record("bbels", index_s, seconds, peak, load)
         for row in rows:
-            row["ratio_to_bbels"] = f"{float(row['sample_s']) / seconds:.3f}"
+            row["ratio_to_bbels"] = f"{row['seconds'] / seconds:.3f}"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("w", newline="") as f:
-        writer = csv.DictWriter(f, FIELDS)
+        writer = csv.DictWriter(f, FIELDS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     print(f"wrote {args.out}")

@@ -1,5 +1,6 @@
-"""benchmarks/run_benchmark.py end to end on a tiny FashionMNIST-format set (every section runs and
-writes its table), and the yardstick's evaluation against the loop implementation."""
+"""benchmarks/run_benchmark.py and benchmarks/zoo_benchmark.py end to end on a tiny
+FashionMNIST-format set (every section runs and writes its table), and the yardstick's evaluation
+against the loop implementation."""
 
 import hashlib
 import sys
@@ -17,11 +18,12 @@ from data_factory import (
 )
 from reference import random_8bit_images, random_images, ref_denoise
 
+import els
 from els import data
 from els.index import to_float
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks import run_benchmark  # noqa: E402
+from benchmarks import run_benchmark, zoo_benchmark  # noqa: E402
 from benchmarks.yardstick import interior_evaluation  # noqa: E402
 
 
@@ -60,6 +62,15 @@ def test_benchmark_runs_every_section_and_writes_its_tables(tmp_path, monkeypatc
     assert list(samples["batch"]) == [1, 2]
     assert (samples["max_abs_diff_vs_float64"] < 1e-3).all()
     assert (samples["index_mb"] < 10 * samples["class_uint8_mb"] + 0.01).all()
+
+
+def test_zoo_benchmark_writes_a_row_per_machine_and_the_ratio_to_bbels(tmp_path, monkeypatch):
+    prepared = tiny_fashion_mnist(tmp_path, monkeypatch)
+    out = tmp_path / "zoo.csv"
+    zoo_benchmark.main(["--data", str(prepared), "--quick", "--out", str(out)])
+    table = pd.read_csv(out)
+    assert list(table["machine"]) == [*els.ZOO_KINDS, "bbels"]
+    assert (table["sample_s"] > 0).all() and table["ratio_to_bbels"].iloc[-1] == 1.0
 
 
 def test_yardstick_evaluation_is_the_interior_of_bbels():
