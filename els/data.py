@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import hashlib
-import importlib.util
 import json
 import logging
 import operator
@@ -36,7 +35,6 @@ import shutil
 import socket
 import struct
 import subprocess
-import sys
 import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -52,21 +50,16 @@ from .io import content_sha256, write_safetensors
 logger = logging.getLogger(__name__)
 
 
-def _lazy_module(name: str):
-    """`name` imported on first attribute access (importlib's LazyLoader): torchvision takes about
-    2.5 s to import, and most users of this module (every workflow job that reads a prepared
-    file, the workflow's start-up) never touch it."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.find_spec(name)
-    spec.loader = importlib.util.LazyLoader(spec.loader)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+def _torchvision():
+    """torchvision, imported on first use: it takes about 2.5 s to import, and most users of this
+    module (every workflow job that reads a prepared file, the workflow's start-up) never need it.
+    (Not a lazy proxy in sys.modules: anything that walks sys.modules, such as inspect, would
+    start the import there, in the middle of another import.)"""
+    import torchvision
+
+    return torchvision
 
 
-torchvision = _lazy_module("torchvision")
 # torchvision.datasets.folder.IMG_EXTENSIONS: the files an image folder's classes are read from
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -238,7 +231,7 @@ def pinned_raw_files(dataset: str) -> dict[str, str]:
     spec = IDX_SPECS[name]
     return {
         archive: f"md5:{md5}"
-        for url, md5 in getattr(torchvision.datasets, name).resources
+        for url, md5 in getattr(_torchvision().datasets, name).resources
         if (archive := os.path.basename(url)).startswith((spec.images_file, spec.labels_file))
     }
 
@@ -353,7 +346,7 @@ def _complete_location(name: str, directory: Path) -> Path | None:
     For CIFAR10 the location is the torchvision root that contains ``cifar-10-batches-py``.
     """
     if name == "CIFAR10":
-        batches = directory / torchvision.datasets.CIFAR10.base_folder
+        batches = directory / _torchvision().datasets.CIFAR10.base_folder
         present = all((batches / filename).is_file() for filename in _cifar10_md5s())
         return directory if present else None
     spec = IDX_SPECS[name]
@@ -391,7 +384,7 @@ def _dirs_named_like(name: str, local_dir: Path) -> list[Path]:
 
 def _find_cifar10_in_local_dir(local_dir: Path, raw_root: Path) -> Path | None:
     """A CIFAR10 root (holding cifar-10-batches-py) found in or extracted from ``local_dir``."""
-    cifar = torchvision.datasets.CIFAR10
+    cifar = _torchvision().datasets.CIFAR10
     roots = [local_dir.parent] if local_dir.name == cifar.base_folder else []
     roots += _dirs_named_like("CIFAR10", local_dir)
     if local_dir not in roots:
@@ -405,7 +398,7 @@ def _find_cifar10_in_local_dir(local_dir: Path, raw_root: Path) -> Path | None:
             # The archive is checked before extraction so that nothing unverified is unpacked.
             _require_md5(archive, cifar.tgz_md5, "torchvision's record of the CIFAR10 archive")
             raw_root.mkdir(parents=True, exist_ok=True)
-            torchvision.datasets.utils.extract_archive(str(archive), str(raw_root))
+            _torchvision().datasets.utils.extract_archive(str(archive), str(raw_root))
             return raw_root
     return None
 
@@ -415,7 +408,7 @@ def _try_torchvision_download(name: str, raw_root: Path) -> str | None:
     previous_timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:
-        dataset_class = getattr(torchvision.datasets, name)
+        dataset_class = getattr(_torchvision().datasets, name)
         dataset_class(root=str(raw_root), train=True, download=True)
     except Exception as err:  # no network, proxy, HTTP errors, md5 mismatch: all mean "not here"
         reason = " ".join(f"{type(err).__name__}: {err}".split())
@@ -464,7 +457,7 @@ def _unavailable_message(name: str, raw_root: Path, attempts: list[str]) -> str:
             f"installs {APT_FASHION_MNIST_DIR}, which is in the default data.local_dirs"
         )
     if name == "CIFAR10":
-        cifar = torchvision.datasets.CIFAR10
+        cifar = _torchvision().datasets.CIFAR10
         lines.append(
             f"  - put {cifar.filename} (md5 {cifar.tgz_md5}) or its extracted folder "
             f"{cifar.base_folder}/ into {raw_dir}"
@@ -524,7 +517,7 @@ def _read_raw_bytes(path: Path) -> bytes:
 
 def _torchvision_md5(name: str, archive_name: str) -> str | None:
     """torchvision's md5 of an original MNIST-like .gz archive, if it lists one."""
-    resources = getattr(torchvision.datasets, name).resources
+    resources = getattr(_torchvision().datasets, name).resources
     return {os.path.basename(url): md5 for url, md5 in resources}.get(archive_name)
 
 
@@ -594,7 +587,7 @@ def _check_idx_structure(
 
 def _cifar10_md5s() -> dict[str, str]:
     """Every file torchvision checks before it unpickles a CIFAR10 batch, with its md5."""
-    cifar = torchvision.datasets.CIFAR10
+    cifar = _torchvision().datasets.CIFAR10
     files = {filename: md5 for filename, md5 in cifar.train_list + cifar.test_list}
     files[cifar.meta["filename"]] = cifar.meta["md5"]
     return files
@@ -627,14 +620,14 @@ def _read_idx_dataset(
             )
     pil_images = (Image.fromarray(image) for image in images)
     resized = _resize_all(pil_images, len(images), channels=1, desc=f"resizing {spec.name}")
-    names = list(getattr(torchvision.datasets, spec.name).classes)
+    names = list(getattr(_torchvision().datasets, spec.name).classes)
     return resized, labels.astype(np.int64), names, raw_files
 
 
 def _read_cifar10(
     root: Path,
 ) -> tuple[np.ndarray, np.ndarray, list[str], dict[str, dict[str, str]]]:
-    cifar = torchvision.datasets.CIFAR10
+    cifar = _torchvision().datasets.CIFAR10
     batches = root / cifar.base_folder
     raw_files = {}
     for filename, md5 in _cifar10_md5s().items():
@@ -731,7 +724,7 @@ def _open_converted(path: Path, mode: str) -> Image.Image:
 
 def _resize_all(images: Iterable[Image.Image], count: int, channels: int, desc: str) -> np.ndarray:
     """Resize PIL images to 32x32 exactly like torchvision Resize((32, 32)); uint8 [N,C,32,32]."""
-    resize = torchvision.transforms.Resize((IMAGE_SIZE, IMAGE_SIZE))
+    resize = _torchvision().transforms.Resize((IMAGE_SIZE, IMAGE_SIZE))
     out = np.empty((count, channels, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
     filled = 0
     for index, image in enumerate(tqdm(images, total=count, desc=desc, mininterval=1.0)):
