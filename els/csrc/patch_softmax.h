@@ -42,6 +42,7 @@ constexpr double kRescaleSlack = 12.0;
 // 60000 images of 32x32), so all skipped weights together stay below
 //   float32: 6e7 * e^-40 = 2.5e-10 < 2^-24 (6e-8), the float32 resolution of the sum;
 //   float64: 6e7 * e^-60 = 5.2e-19 < 2^-53 (1.1e-16), the float64 resolution.
+// A skipped candidate is never the dominant one either: the running maximum is a folded logit.
 template <typename T>
 constexpr double skip_below() {
   return sizeof(T) == 4 ? 40.0 : 60.0;
@@ -250,10 +251,15 @@ inline int64_t lane_width(const Block& blk) {
   return (need + VL - 1) / VL * VL;
 }
 
-// true if any lane of a comparison's result is set
+// true if any lane of a comparison's result is set: one test instruction (a loop over the lanes
+// costs more than the fold it guards)
 template <typename T>
 inline bool any_lane(ivec_t<T> mask) {
-#if defined(__AVX2__) && !defined(__AVX512F__)
+#if defined(__AVX512F__)
+  __m512i m;
+  std::memcpy(&m, &mask, sizeof m);
+  return _mm512_test_epi32_mask(m, m) != 0;
+#elif defined(__AVX2__)
   __m256i m;
   std::memcpy(&m, &mask, sizeof m);
   return !_mm256_testz_si256(m, m);
@@ -370,13 +376,45 @@ void run_item(const Inputs<T>& in, int64_t b, const Block& blk, int64_t j0, int6
           }
         }
         // T(p, e) = sum_{o < k} A(p + o, e), running along the row
-        for (int64_t ev = 0; ev < width; ev += VL) {
-          V t{};
-          for (int64_t o = 0; o < k; ++o) t += vload(A.data() + o * width + ev);
-          vstore(Tb.data() + ev, t);
-          for (int64_t p = 1; p < Lq; ++p) {
-            t += vload(A.data() + (p + k - 1) * width + ev) - vload(A.data() + (p - 1) * width + ev);
-            vstore(Tb.data() + p * width + ev, t);
+        // (four vectors of lanes at a time: four independent chains of additions)
+        for (int64_t ev0 = 0; ev0 < width; ev0 += 4 * VL) {
+          if (ev0 + 4 * VL <= width) {
+            V t0{}, t1{}, t2{}, t3{};
+            for (int64_t o = 0; o < k; ++o) {
+              const T* a = A.data() + o * width + ev0;
+              t0 += vload(a);
+              t1 += vload(a + VL);
+              t2 += vload(a + 2 * VL);
+              t3 += vload(a + 3 * VL);
+            }
+            T* tb = Tb.data() + ev0;
+            vstore(tb, t0);
+            vstore(tb + VL, t1);
+            vstore(tb + 2 * VL, t2);
+            vstore(tb + 3 * VL, t3);
+            for (int64_t p = 1; p < Lq; ++p) {
+              const T* ai = A.data() + (p + k - 1) * width + ev0;
+              const T* ao = A.data() + (p - 1) * width + ev0;
+              t0 += vload(ai) - vload(ao);
+              t1 += vload(ai + VL) - vload(ao + VL);
+              t2 += vload(ai + 2 * VL) - vload(ao + 2 * VL);
+              t3 += vload(ai + 3 * VL) - vload(ao + 3 * VL);
+              tb = Tb.data() + p * width + ev0;
+              vstore(tb, t0);
+              vstore(tb + VL, t1);
+              vstore(tb + 2 * VL, t2);
+              vstore(tb + 3 * VL, t3);
+            }
+            continue;
+          }
+          for (int64_t ev = ev0; ev < width; ev += VL) {
+            V t{};
+            for (int64_t o = 0; o < k; ++o) t += vload(A.data() + o * width + ev);
+            vstore(Tb.data() + ev, t);
+            for (int64_t p = 1; p < Lq; ++p) {
+              t += vload(A.data() + (p + k - 1) * width + ev) - vload(A.data() + (p - 1) * width + ev);
+              vstore(Tb.data() + p * width + ev, t);
+            }
           }
         }
         // fold each query of the row: lanes over its candidates' columns
@@ -413,7 +451,7 @@ void run_item(const Inputs<T>& in, int64_t b, const Block& blk, int64_t j0, int6
           if (!any_lane<T>(top > mq - skip)) continue;  // every weight below e^-skip: see skip_below
           V sum = vload(sum_q);
           for (int64_t v = 0; v < nv; ++v) {
-            if (!STATS && !any_lane<T>(lg[v] > mq - skip)) continue;
+            if (!any_lane<T>(lg[v] > mq - skip)) continue;  // see skip_below
             V w = vexp_neg(lg[v] - mq);
             if (v == nv - 1) w = lane_index < T(n - v * VL) ? w : V{};  // lanes past the row
             sum += w;
