@@ -346,18 +346,34 @@ void run_item(const Inputs<T>& in, int64_t b, const Block& blk, int64_t j0, int6
         // A(u, e): the vertical window (padded query rows r .. r + k - 1), summed afresh for the
         // first row, then moved down one row at a time
         if (r == rlo) {
-          for (int64_t u = 0; u < Wu; ++u)
-            std::fill(A.data() + u * width + ev_lo[u], A.data() + u * width + ev_hi[u], T(0));
-          for (int64_t ch = 0; ch < C; ++ch) {
-            for (int64_t i = r; i < r + k; ++i) {
-              const T* xr = xrow(ch, i);
-              const T* yr = yrow(ch, i);
-              for (int64_t u = 0; u < Wu; ++u) {
-                const T xv = xr[u];
-                T* Au = A.data() + u * width;
-                for (int64_t ev = ev_lo[u]; ev < ev_hi[u]; ev += VL)
-                  vstore(Au + ev, vload(Au + ev) + xv * vload(yr + u + ev));
+          // summed in registers over (channel, row), four vectors of lanes at a time (the same
+          // order of additions as moving the window, so every A is the same to the bit)
+          for (int64_t u = 0; u < Wu; ++u) {
+            T* Au = A.data() + u * width;
+            int64_t ev = ev_lo[u];
+            for (; ev + 4 * VL <= ev_hi[u]; ev += 4 * VL) {
+              V a0{}, a1{}, a2{}, a3{};
+              for (int64_t ch = 0; ch < C; ++ch) {
+                for (int64_t i = r; i < r + k; ++i) {
+                  const T xv = xrow(ch, i)[u];
+                  const T* yr = yrow(ch, i) + u + ev;
+                  a0 += xv * vload(yr);
+                  a1 += xv * vload(yr + VL);
+                  a2 += xv * vload(yr + 2 * VL);
+                  a3 += xv * vload(yr + 3 * VL);
+                }
               }
+              vstore(Au + ev, a0);
+              vstore(Au + ev + VL, a1);
+              vstore(Au + ev + 2 * VL, a2);
+              vstore(Au + ev + 3 * VL, a3);
+            }
+            for (; ev < ev_hi[u]; ev += VL) {
+              V a{};
+              for (int64_t ch = 0; ch < C; ++ch)
+                for (int64_t i = r; i < r + k; ++i)
+                  a += xrow(ch, i)[u] * vload(yrow(ch, i) + u + ev);
+              vstore(Au + ev, a);
             }
           }
         } else {
