@@ -294,6 +294,41 @@ struct Partial {
   std::vector<int32_t> bj, br, bc;      // [nq]
 };
 
+// A(u, ev .. ev + NV vectors) summed afresh over (channel, row i < k) in registers, in the same
+// order of additions as moving the window, so every A is the same to the bit
+template <typename T, int NV, typename XRow, typename YRow>
+inline void fresh_window(T* Au, int64_t u, int64_t ev, int64_t r, int64_t k, int64_t C,
+                         const XRow& xrow, const YRow& yrow) {
+  constexpr int VL = Lanes<T>::n;
+  vec_t<T> a[NV] = {};
+  for (int64_t ch = 0; ch < C; ++ch)
+    for (int64_t i = r; i < r + k; ++i) {
+      const T xv = xrow(ch, i)[u];
+      const T* yr = yrow(ch, i) + u + ev;
+      for (int v = 0; v < NV; ++v) a[v] += xv * vload(yr + v * VL);
+    }
+  for (int v = 0; v < NV; ++v) vstore(Au + ev + v * VL, a[v]);
+}
+
+// T(p, e) = sum_{o < k} A(p + o, e) for the NV vectors of lanes from ev, running along the row
+// (NV independent chains of additions)
+template <typename T, int NV>
+inline void row_window(const T* A, T* Tb, int64_t width, int64_t ev, int64_t k, int64_t Lq) {
+  constexpr int VL = Lanes<T>::n;
+  vec_t<T> t[NV] = {};
+  for (int64_t o = 0; o < k; ++o)
+    for (int v = 0; v < NV; ++v) t[v] += vload(A + o * width + ev + v * VL);
+  for (int v = 0; v < NV; ++v) vstore(Tb + ev + v * VL, t[v]);
+  for (int64_t p = 1; p < Lq; ++p) {
+    const T* ai = A + (p + k - 1) * width + ev;
+    const T* ao = A + (p - 1) * width + ev;
+    for (int v = 0; v < NV; ++v) {
+      t[v] += vload(ai + v * VL) - vload(ao + v * VL);
+      vstore(Tb + p * width + ev + v * VL, t[v]);
+    }
+  }
+}
+
 template <typename T, bool STATS>
 void run_item(const Inputs<T>& in, int64_t b, const Block& blk, int64_t j0, int64_t j1,
               Partial<T>& part) {
@@ -346,35 +381,12 @@ void run_item(const Inputs<T>& in, int64_t b, const Block& blk, int64_t j0, int6
         // A(u, e): the vertical window (padded query rows r .. r + k - 1), summed afresh for the
         // first row, then moved down one row at a time
         if (r == rlo) {
-          // summed in registers over (channel, row), four vectors of lanes at a time (the same
-          // order of additions as moving the window, so every A is the same to the bit)
           for (int64_t u = 0; u < Wu; ++u) {
             T* Au = A.data() + u * width;
             int64_t ev = ev_lo[u];
-            for (; ev + 4 * VL <= ev_hi[u]; ev += 4 * VL) {
-              V a0{}, a1{}, a2{}, a3{};
-              for (int64_t ch = 0; ch < C; ++ch) {
-                for (int64_t i = r; i < r + k; ++i) {
-                  const T xv = xrow(ch, i)[u];
-                  const T* yr = yrow(ch, i) + u + ev;
-                  a0 += xv * vload(yr);
-                  a1 += xv * vload(yr + VL);
-                  a2 += xv * vload(yr + 2 * VL);
-                  a3 += xv * vload(yr + 3 * VL);
-                }
-              }
-              vstore(Au + ev, a0);
-              vstore(Au + ev + VL, a1);
-              vstore(Au + ev + 2 * VL, a2);
-              vstore(Au + ev + 3 * VL, a3);
-            }
-            for (; ev < ev_hi[u]; ev += VL) {
-              V a{};
-              for (int64_t ch = 0; ch < C; ++ch)
-                for (int64_t i = r; i < r + k; ++i)
-                  a += xrow(ch, i)[u] * vload(yrow(ch, i) + u + ev);
-              vstore(Au + ev, a);
-            }
+            for (; ev + 4 * VL <= ev_hi[u]; ev += 4 * VL)
+              fresh_window<T, 4>(Au, u, ev, r, k, C, xrow, yrow);
+            for (; ev < ev_hi[u]; ev += VL) fresh_window<T, 1>(Au, u, ev, r, k, C, xrow, yrow);
           }
         } else {
           for (int64_t ch = 0; ch < C; ++ch) {
@@ -391,47 +403,12 @@ void run_item(const Inputs<T>& in, int64_t b, const Block& blk, int64_t j0, int6
             }
           }
         }
-        // T(p, e) = sum_{o < k} A(p + o, e), running along the row
-        // (four vectors of lanes at a time: four independent chains of additions)
-        for (int64_t ev0 = 0; ev0 < width; ev0 += 4 * VL) {
-          if (ev0 + 4 * VL <= width) {
-            V t0{}, t1{}, t2{}, t3{};
-            for (int64_t o = 0; o < k; ++o) {
-              const T* a = A.data() + o * width + ev0;
-              t0 += vload(a);
-              t1 += vload(a + VL);
-              t2 += vload(a + 2 * VL);
-              t3 += vload(a + 3 * VL);
-            }
-            T* tb = Tb.data() + ev0;
-            vstore(tb, t0);
-            vstore(tb + VL, t1);
-            vstore(tb + 2 * VL, t2);
-            vstore(tb + 3 * VL, t3);
-            for (int64_t p = 1; p < Lq; ++p) {
-              const T* ai = A.data() + (p + k - 1) * width + ev0;
-              const T* ao = A.data() + (p - 1) * width + ev0;
-              t0 += vload(ai) - vload(ao);
-              t1 += vload(ai + VL) - vload(ao + VL);
-              t2 += vload(ai + 2 * VL) - vload(ao + 2 * VL);
-              t3 += vload(ai + 3 * VL) - vload(ao + 3 * VL);
-              tb = Tb.data() + p * width + ev0;
-              vstore(tb, t0);
-              vstore(tb + VL, t1);
-              vstore(tb + 2 * VL, t2);
-              vstore(tb + 3 * VL, t3);
-            }
-            continue;
-          }
-          for (int64_t ev = ev0; ev < width; ev += VL) {
-            V t{};
-            for (int64_t o = 0; o < k; ++o) t += vload(A.data() + o * width + ev);
-            vstore(Tb.data() + ev, t);
-            for (int64_t p = 1; p < Lq; ++p) {
-              t += vload(A.data() + (p + k - 1) * width + ev) - vload(A.data() + (p - 1) * width + ev);
-              vstore(Tb.data() + p * width + ev, t);
-            }
-          }
+        // T(p, e) = sum_{o < k} A(p + o, e), running along the row, four vectors at a time
+        {
+          int64_t ev = 0;
+          for (; ev + 4 * VL <= width; ev += 4 * VL)
+            row_window<T, 4>(A.data(), Tb.data(), width, ev, k, Lq);
+          for (; ev < width; ev += VL) row_window<T, 1>(A.data(), Tb.data(), width, ev, k, Lq);
         }
         // fold each query of the row: lanes over its candidates' columns
         const int64_t cr = r + dy;
