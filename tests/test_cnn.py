@@ -32,6 +32,7 @@ from els.cnn import (
     summarize,
     train_noise_predictor,
 )
+from els.cnn.evaluate import PAPER_MEDIAN_R2, paper_table, plot_schedules
 from els.cnn.train import (
     flatten_optimizer_state,
     noisy_batch,
@@ -378,10 +379,28 @@ def test_r2_table_summary_and_figures(tmp_path):
     machine = cnn + 0.2 * torch.randn(4, 1, 8, 8, generator=g)
     ideal = torch.rand(4, 1, 8, 8, generator=g) * 2 - 1
     df = r2_table(cnn, {"els": machine, "ideal": ideal}, seeds=[0, 1, 2, 3], classes=[0, 0, 1, 1])
-    assert list(df.columns) == ["class", "seed", "r_els", "r2_els", "r_ideal", "r2_ideal"]
+    assert list(df.columns) == [
+        "class", "seed", "r_els", "r2_els", "R2_els", "r_ideal", "r2_ideal", "R2_ideal"
+    ]  # fmt: skip
     values = df[["r_els", "r2_els", "r_ideal", "r2_ideal"]].to_numpy()
     assert np.isfinite(values).all() and (np.abs(values) <= 1).all()
     np.testing.assert_allclose(df["r2_els"], df["r_els"] ** 2)
+    # R^2 = 1 - SS_res / SS_tot of the machine's image as a prediction of the CNN's, by a loop
+    for i in range(4):
+        ref, pred = cnn[i].flatten().double(), machine[i].flatten().double()
+        ss_res = sum((a - b) ** 2 for a, b in zip(ref.tolist(), pred.tolist(), strict=True))
+        ss_tot = sum((a - ref.mean().item()) ** 2 for a in ref.tolist())
+        assert df["R2_els"][i] == pytest.approx(1 - ss_res / ss_tot, rel=1e-12)
+    # never above r^2 (the R^2 of the best affine fit); a brightness offset lowers R^2 only
+    assert (df["R2_els"] <= df["r2_els"] + 1e-12).all()
+    shifted = r2_table(cnn, {"els": machine + 0.5}, seeds=[0, 1, 2, 3])
+    np.testing.assert_allclose(shifted["r2_els"], df["r2_els"])
+    assert (shifted["R2_els"] < df["R2_els"]).all()
+    paper = paper_table(df, ["els", "ideal"], "m")
+    assert list(paper["machine"][:2]) == ["ELS", "IS"] and len(paper) == 2 + len(PAPER_MEDIAN_R2)
+    assert paper["median_r2"][0] == pytest.approx(df["r2_els"].median())
+    plot_schedules({"a": [3] * 20, "b": list(range(3, 23))}, tmp_path / "schedules.png")
+    assert (tmp_path / "schedules.png").stat().st_size > 0
     summary = summarize(df)
     assert list(summary["group"]) == ["all", "class=0", "class=1"]
     assert summary.loc[0, "r2_els"] == pytest.approx(df["r2_els"].median())
@@ -539,7 +558,7 @@ def test_workflow_helpers_give_each_stage_only_its_keys():
         "r/FashionMNIST/b/0.st",
         "r/FashionMNIST/b/7.st",
     ]
-    assert len(rules.targets()) == 16 and rules.gpu == 0  # 8 files per model
+    assert len(rules.targets()) == 20 and rules.gpu == 0  # 10 files per model
     assert CnnRules({**section, "conditional": False}).class_labels() == ["all"]
     assert CnnRules(None).targets() == []
 

@@ -1,8 +1,11 @@
 """Comparing CNN samples with machine samples from the same noise, seed for seed.
 
 The authors' evaluation correlates the centred, flattened images: r = <a - mean a, b - mean b> /
-(||a - mean a|| ||b - mean b||), the Pearson correlation over pixels; the paper's "r^2" is its square.
-Tables keep both; every figure says which one it shows.
+(||a - mean a|| ||b - mean b||), the Pearson correlation over pixels; the paper's "r^2" is its square
+(columns r_<machine>, r2_<machine>). The Analytic Diffusion Studio reports instead the coefficient of
+determination of the machine's image as a prediction of the CNN's, R^2 = 1 - SS_res / SS_tot
+(columns R2_<machine>): it also counts differences of brightness and contrast, can be negative, and
+is never above r^2. Every figure and table says which one it shows.
 """
 
 from __future__ import annotations
@@ -31,6 +34,18 @@ def pearson_r(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(denom > 0, r.clamp(-1.0, 1.0), torch.nan)
 
 
+def coefficient_of_determination(reference: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
+    """R^2 = 1 - sum (ref - pred)^2 / sum (ref - mean ref)^2 per image, [B] float64 (NaN where the
+    reference has no variance)."""
+    if reference.shape != prediction.shape:
+        raise ValueError(f"shapes differ: {tuple(reference.shape)} vs {tuple(prediction.shape)}")
+    ref = reference.reshape(reference.shape[0], -1).double()
+    pred = prediction.reshape(prediction.shape[0], -1).double()
+    ss_res = ((ref - pred) ** 2).sum(dim=1)
+    ss_tot = ((ref - ref.mean(dim=1, keepdim=True)) ** 2).sum(dim=1)
+    return torch.where(ss_tot > 0, 1.0 - ss_res / ss_tot, torch.nan)
+
+
 def r2_table(
     cnn: torch.Tensor,
     machines: dict[str, torch.Tensor],
@@ -38,7 +53,8 @@ def r2_table(
     seeds: Sequence[int],
     classes: Sequence[int | str] | None = None,
 ) -> pd.DataFrame:
-    """One row per sample: seed, class, and for each machine name m: r_m and r2_m against the CNN.
+    """One row per sample: seed, class, and for each machine name m: r_m, r2_m (squared Pearson r)
+    and R2_m (coefficient of determination) against the CNN.
 
     cnn, machines[m]: [B, C, H, W] samples from the same noise, in the same order as seeds.
     """
@@ -52,12 +68,74 @@ def r2_table(
         r = pearson_r(cnn, images).numpy()
         df[f"r_{name}"] = r
         df[f"r2_{name}"] = r**2
+        df[f"R2_{name}"] = coefficient_of_determination(cnn, images).numpy()
     return df
 
 
+METRIC_PREFIXES = ("r_", "r2_", "R2_")
+# Kamb & Ganguli (arXiv 2412.20292), FashionMNIST, median r^2 (squared Pearson r of centred, flattened
+# images) of the ELS machine's samples (bbELS for zero padding) against the CNN's from the same noise.
+# Table 1: the CNN sampled with 150 steps, the machine with 20; Table 2: both with 20 steps.
+PAPER_MEDIAN_R2 = {
+    "ResNet, Table 1 (CNN 150 steps)": 0.94,
+    "UNet, Table 1 (CNN 150 steps)": 0.93,
+    "ResNet, Table 2 (20 steps)": 0.90,
+    "UNet, Table 2 (20 steps)": 0.91,
+}
+
+
+def paper_table(df: pd.DataFrame, machines: Sequence[str], model: str) -> pd.DataFrame:
+    """Medians of this run beside the paper's: one row per compared machine (r^2 and R^2 of this
+    model, n), then one row per published median (the paper reports its ELS machine only)."""
+    rows = [
+        {
+            "source": f"this run: {model}",
+            "machine": display_name(m),
+            "n": int(df[f"r2_{m}"].notna().sum()),
+            "median_r2": float(df[f"r2_{m}"].median()),
+            "median_R2": float(df[f"R2_{m}"].median()),
+        }
+        for m in machines
+    ]
+    rows += [
+        {
+            "source": f"Kamb & Ganguli: {name}",
+            "machine": "ELS (bbELS)",
+            "n": None,
+            "median_r2": value,
+            "median_R2": None,
+        }
+        for name, value in PAPER_MEDIAN_R2.items()
+    ]
+    return pd.DataFrame(rows)
+
+
+def plot_schedules(
+    schedules: dict[str, Sequence[int]], path: str | Path, *, title: str = ""
+) -> None:
+    """Patch size k against reverse step i (t = i / n) for each schedule, one curve each; entry 0
+    (never used by the reverse process) is left out."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.2, 3.4))
+    markers = "os^v"
+    for j, (label, scales) in enumerate(schedules.items()):
+        steps = list(range(1, len(scales)))
+        ax.plot(steps, list(scales[1:]), marker=markers[j % 4], ms=4, lw=1.4, label=label)
+    ax.set_xlabel("reverse step i (t = i / n; sampling runs from the right)")
+    ax.set_ylabel("patch size k")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title or "patch-size schedules", fontsize=9)
+    fig.tight_layout()
+    try:
+        write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=150))
+    finally:
+        plt.close(fig)
+
+
 def summarize(df: pd.DataFrame, by: str | None = "class") -> pd.DataFrame:
-    """Medians (and counts) of every r / r2 column, overall and per `by` group if present."""
-    cols = [c for c in df.columns if c.startswith(("r_", "r2_"))]
+    """Medians (and counts) of every r / r2 / R2 column, overall and per `by` group if present."""
+    cols = [c for c in df.columns if c.startswith(METRIC_PREFIXES)]
     overall = df[cols].median().to_frame().T
     overall.insert(0, "n", len(df))
     overall.insert(0, "group", "all")

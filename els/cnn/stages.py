@@ -24,7 +24,15 @@ from ..data import load_prepared
 from ..io import copy_file, write_safetensors, write_with
 from ..scales import read_scales
 from .calibrate import DEFAULT_PATCH_SIZES, calibrate, plot_calibration
-from .evaluate import display_name, plot_r2_scatter, plot_sample_grid, r2_table, summarize
+from .evaluate import (
+    display_name,
+    paper_table,
+    plot_r2_scatter,
+    plot_sample_grid,
+    plot_schedules,
+    r2_table,
+    summarize,
+)
 from .models import ModelConfig, load_model, parameter_count, read_metadata, receptive_field
 from .sample import sample_cnn
 from .train import TrainConfig, train_noise_predictor
@@ -59,6 +67,8 @@ class CnnSettings:
     grid_rows: int
     # more machines sampled from the same noise and compared with the CNN (`evaluation.machines`)
     extra_machines: tuple[str, ...] = ()
+    # the machine's training images per class while calibrating (None: all of the CNN's)
+    calibration_max_train_per_class: int | None = None
 
     @property
     def machine(self) -> str:
@@ -111,6 +121,7 @@ def resolve_settings(section: dict, name: str, num_classes: int) -> CnnSettings:
         evaluation_seeds=tuple(expand_seeds(evaluation.get("seeds", {"start": 0, "count": 16}))),
         grid_rows=int(evaluation.get("grid_rows", 8)),
         extra_machines=tuple(evaluation.get("machines", ())),
+        calibration_max_train_per_class=calibration.get("max_train_per_class"),
     )
 
 
@@ -234,6 +245,8 @@ def stage_calibrate(
     pairs = []
     for cls in settings.class_labels:
         images, _ = training_set(settings, data_path, cls)
+        if settings.calibration_max_train_per_class is not None:
+            images = images[: settings.calibration_max_train_per_class]
         seeds = settings.calibration_seeds
         noise = _noise_batch(settings, noise_fn, cls, seeds, images.shape[1:])
         _, trajectory = sample_cnn(
@@ -254,7 +267,8 @@ def stage_calibrate(
         table_out,
         comment=f"CNN {settings.name} ({settings.model.arch}, {settings.model.padding} padding), "
         f"machine {settings.machine}, dataset {settings.dataset}, classes "
-        f"{list(settings.class_labels)}, seeds {list(settings.calibration_seeds)}",
+        f"{list(settings.class_labels)}, seeds {list(settings.calibration_seeds)}, machine's "
+        f"training images per class: {settings.calibration_max_train_per_class or 'all'}",
     )
     plot_calibration(result, figure_out, title=f"{settings.name}: {settings.machine} vs CNN score")
     return result.scales
@@ -338,6 +352,52 @@ def stage_sample_machines(
     )
 
 
+def class_samples(
+    settings: CnnSettings,
+    cnn_paths: Sequence[str | Path],
+    machine_paths: Sequence[str | Path],
+    *,
+    pipeline_samples: bool = False,
+) -> list[tuple[int | str, dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
+    """Per class: (class, the CNN's file: noise, image, seeds; each compared machine's images in
+    seed order). machine_paths: one file per class (sample_machines_cnn) or, with
+    pipeline_samples, the pipeline's sample file of every compared machine, class and seed
+    (machine outermost, as CnnRules.machine_samples lists them). Refuses samples whose noise is
+    not the CNN's."""
+    from ..io import read_sample
+
+    labels, machines = settings.class_labels, settings.compared_machines
+    out = []
+    for ci, (cls, cnn_path) in enumerate(zip(labels, cnn_paths, strict=True)):
+        cnn = load_file(str(cnn_path))
+        seeds = cnn["seeds"].tolist()
+        if pipeline_samples:
+            if len(machine_paths) != len(machines) * len(labels) * len(seeds):
+                raise ValueError(
+                    f"{len(machine_paths)} machine samples for {len(machines)} machines x "
+                    f"{len(labels)} classes x {len(seeds)} seeds"
+                )
+            images = {}
+            for mi, kind in enumerate(machines):
+                first = (mi * len(labels) + ci) * len(seeds)
+                samples = [read_sample(p) for p in machine_paths[first : first + len(seeds)]]
+                for seed, path, sample in zip(seeds, machine_paths[first:], samples, strict=False):
+                    if not torch.equal(sample.noise, cnn["noise"][seeds.index(seed)]):
+                        raise ValueError(f"{path} does not start from {cnn_path}'s noise")
+                images[kind] = torch.stack([sample.image for sample in samples])
+        else:
+            machine_file = load_file(str(machine_paths[ci]))
+            if not torch.equal(cnn["noise"], machine_file["noise"]) or not torch.equal(
+                cnn["seeds"], machine_file["seeds"]
+            ):
+                raise ValueError(
+                    f"{cnn_path} and {machine_paths[ci]} do not start from the same noise"
+                )
+            images = {kind: machine_file[kind] for kind in machines}
+        out.append((cls, cnn, images))
+    return out
+
+
 def stage_evaluate(
     settings: CnnSettings,
     cnn_paths: Sequence[str | Path],
@@ -347,37 +407,27 @@ def stage_evaluate(
     scatter_out: str | Path,
     grid_out: str | Path,
     machines_out: str | Path | None = None,
+    paper_out: str | Path | None = None,
+    *,
+    pipeline_samples: bool = False,
 ) -> dict:
-    """Per seed r and r^2 (centred, flattened images) of the CNN sample against every compared
-    machine's (the CNN's machine, the ideal score, evaluation.machines); medians; the scatter (r^2)
-    and the CNN | machine | IS grid; machines_out: one row per machine (median r and r^2)."""
-    machine = settings.machine
-    tables, grid = [], {"CNN": [], machine: [], "ideal": []}
-    for cls, cnn_path, machine_path in zip(
-        settings.class_labels, cnn_paths, machine_paths, strict=True
-    ):
-        cnn, machines = load_file(str(cnn_path)), load_file(str(machine_path))
-        if not torch.equal(cnn["noise"], machines["noise"]) or not torch.equal(
-            cnn["seeds"], machines["seeds"]
-        ):
-            raise ValueError(f"{cnn_path} and {machine_path} do not start from the same noise")
-        seeds = cnn["seeds"].tolist()
-        tables.append(
-            r2_table(
-                cnn["image"],
-                {kind: machines[kind] for kind in settings.compared_machines},
-                seeds=seeds,
-                classes=[cls] * len(seeds),
-            )
-        )
-        for key, images in (
-            ("CNN", cnn["image"]),
-            (machine, machines[machine]),
-            ("ideal", machines["ideal"]),
-        ):
-            grid[key].append(images)
+    """Per seed r, r^2 (centred, flattened images) and R^2 of the CNN sample against every
+    compared machine's (the CNN's machine, the ideal score, evaluation.machines); medians; the
+    scatter (r^2) and the CNN | machine | IS grid; machines_out: one row per machine (median r and
+    r^2); paper_out: the medians beside the paper's (evaluate.paper_table). machine_paths: see
+    class_samples."""
     import pandas as pd
 
+    machine = settings.machine
+    tables, grid = [], {"CNN": [], machine: [], "ideal": []}
+    for cls, cnn, images in class_samples(
+        settings, cnn_paths, machine_paths, pipeline_samples=pipeline_samples
+    ):
+        seeds = cnn["seeds"].tolist()
+        tables.append(r2_table(cnn["image"], images, seeds=seeds, classes=[cls] * len(seeds)))
+        grid["CNN"].append(cnn["image"])
+        grid[machine].append(images[machine])
+        grid["ideal"].append(images["ideal"])
     df = pd.concat(tables, ignore_index=True)
     df.insert(0, "model", settings.name)
     write_with(r2_out, lambda tmp: df.to_csv(tmp, index=False))
@@ -387,6 +437,9 @@ def stage_evaluate(
     if machines_out is not None:
         rows = machine_rows(df, settings.compared_machines, settings.name)
         write_with(machines_out, lambda tmp: rows.to_csv(tmp, index=False))
+    if paper_out is not None:
+        paper = paper_table(df, settings.compared_machines, settings.name)
+        write_with(paper_out, lambda tmp: paper.to_csv(tmp, index=False))
     plot_r2_scatter(
         df,
         scatter_out,
@@ -408,6 +461,23 @@ def stage_evaluate(
         column_notes={display_name(machine): notes[machine], "IS": notes["ideal"]},
     )
     return summary.iloc[0].to_dict()
+
+
+def stage_schedule_figure(
+    settings: CnnSettings,
+    scales_path: str | Path,
+    figure_out: str | Path,
+    reference_path: str | Path | None = None,
+) -> None:
+    """The model's schedule (k per step) and, when given, a published one beside it."""
+    schedules = {f"{settings.name} (calibrated)": read_scales(scales_path)}
+    if reference_path:
+        schedules[f"published: {Path(reference_path).stem}"] = read_scales(reference_path)
+    plot_schedules(
+        schedules,
+        figure_out,
+        title=f"{display_name(settings.machine)} patch size per step, {settings.dataset}",
+    )
 
 
 def machine_rows(df, machines: Sequence[str], model: str):
@@ -456,11 +526,11 @@ def check_outputs(root: str | Path, section: dict) -> dict:
     root = Path(root)
     n_steps = int(section.get("steps", 20))
     allowed = set(section.get("calibration", {}).get("patch_sizes", DEFAULT_PATCH_SIZES))
-    scales = read_scales(root / "scales.txt", expected_length=n_steps)
+    entry = section["models"].get(root.name) or {}
+    scales_path = entry.get("schedule") or root / "scales.txt"
+    scales = read_scales(scales_path, expected_length=n_steps)
     if not set(scales) <= allowed:
-        raise ValueError(
-            f"{root}/scales.txt uses {sorted(set(scales) - allowed)}, not in {allowed}"
-        )
+        raise ValueError(f"{scales_path} uses {sorted(set(scales) - allowed)}, not in {allowed}")
     df = pd.read_csv(root / "r2.csv")
     cols = [c for c in df.columns if c.startswith(("r_", "r2_"))]
     values = df[cols].to_numpy(dtype=float)
@@ -468,7 +538,15 @@ def check_outputs(root: str | Path, section: dict) -> dict:
         raise ValueError(f"{root}/r2.csv has no r / r^2 values")
     if not np.isfinite(values).all() or (np.abs(values) > 1).any():
         raise ValueError(f"{root}/r2.csv has values outside [-1, 1] or not finite")
-    for name in ("loss.png", "calibration.png", "r2_scatter.png", "samples_grid.png"):
+    for col in [c for c in df.columns if c.startswith("r2_")]:
+        det = df[f"R2_{col[3:]}"].to_numpy(dtype=float)
+        # R^2 of the raw image is never above r^2, the R^2 of the best affine fit
+        if not np.isfinite(det).all() or (det > df[col].to_numpy() + 1e-9).any():
+            raise ValueError(f"{root}/r2.csv: R2_{col[3:]} not finite or above {col}")
+    figures = ["r2_scatter.png", "samples_grid.png", "schedule.png"]
+    if not entry.get("weights"):
+        figures += ["loss.png", "calibration.png"]
+    for name in figures:
         if not (root / name).is_file() or (root / name).stat().st_size == 0:
             raise ValueError(f"{root}/{name} is missing or empty")
     summary = pd.read_csv(root / "r2_summary.csv")

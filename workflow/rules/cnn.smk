@@ -10,7 +10,7 @@
 
 from els.cnn.workflow import CNN_ROOT, CnnRules
 
-CNN_RULES = CnnRules(config.get("cnn"))
+CNN_RULES = CnnRules(config.get("cnn"), config, WORKFLOW_DIR)
 
 
 wildcard_constraints:
@@ -27,6 +27,8 @@ rule train_cnn:
         data=CNN_RULES.prepared_data,
     output:
         model=f"{CNN_ROOT}/model.safetensors",
+        # what produced the weights: settings, steps, wall time, machine, code, sha256
+        provenance=f"{CNN_ROOT}/model.json",
         loss_csv=f"{CNN_ROOT}/loss.csv",
         loss_png=report(
             f"{CNN_ROOT}/loss.png",
@@ -55,7 +57,7 @@ rule train_cnn:
 rule calibrate_schedule:
     input:
         data=CNN_RULES.prepared_data,
-        model=f"{CNN_ROOT}/model.safetensors",
+        model=CNN_RULES.model_file,
     output:
         scales=f"{CNN_ROOT}/scales.txt",
         table=f"{CNN_ROOT}/calibration.csv",
@@ -82,7 +84,7 @@ rule calibrate_schedule:
 
 rule sample_cnn:
     input:
-        model=f"{CNN_ROOT}/model.safetensors",
+        model=CNN_RULES.model_file,
     output:
         samples=f"{CNN_ROOT}/samples/cnn/{{cls}}.safetensors",
     log:
@@ -103,7 +105,7 @@ rule sample_cnn:
 rule sample_machines_cnn:
     input:
         data=CNN_RULES.prepared_data,
-        scales=f"{CNN_ROOT}/scales.txt",
+        scales=CNN_RULES.scales_file,
     output:
         samples=f"{CNN_ROOT}/samples/machines/{{cls}}.safetensors",
     log:
@@ -124,7 +126,7 @@ rule sample_machines_cnn:
 rule evaluate_r2:
     input:
         cnn=CNN_RULES.per_class(f"{CNN_ROOT}/samples/cnn/{{cls}}.safetensors"),
-        machines=CNN_RULES.per_class(f"{CNN_ROOT}/samples/machines/{{cls}}.safetensors"),
+        machines=CNN_RULES.machine_samples,
     output:
         table=f"{CNN_ROOT}/r2.csv",
         summary=report(
@@ -134,6 +136,12 @@ rule evaluate_r2:
             subcategory="{model}",
         ),
         machines=f"{CNN_ROOT}/r2_machines.csv",
+        paper=report(
+            f"{CNN_ROOT}/r2_paper.csv",
+            caption="../report/cnn_r2_paper.rst",
+            category="CNN comparison",
+            subcategory="{model}",
+        ),
         scatter=report(
             f"{CNN_ROOT}/r2_scatter.png",
             caption="../report/cnn_r2_scatter.rst",
@@ -156,5 +164,30 @@ rule evaluate_r2:
         runtime=CNN_RULES.resource("evaluate", "runtime"),
     params:
         cnn=CNN_RULES.params("evaluate"),
+        # a shipped model is compared with the pipeline's own samples (CnnRules.machine_samples)
+        pipeline_samples=lambda wc: CNN_RULES.shipped(wc.model),
     script:
         "../scripts/cnn_evaluate.py"
+
+
+rule cnn_schedule_figure:
+    input:
+        scales=CNN_RULES.scales_file,
+        reference=CNN_RULES.reference_schedule(),
+    output:
+        figure=report(
+            f"{CNN_ROOT}/schedule.png",
+            caption="../report/cnn_schedule.rst",
+            category="CNN comparison",
+            subcategory="{model}",
+        ),
+    log:
+        "logs/cnn_schedule_figure/{dataset}/{model}.log",
+    threads: CNN_RULES.resource("evaluate", "threads")
+    resources:
+        mem_mb=CNN_RULES.resource("evaluate", "mem_mb"),
+        runtime=CNN_RULES.resource("evaluate", "runtime"),
+    params:
+        cnn=CNN_RULES.params("evaluate"),
+    script:
+        "../scripts/cnn_schedule_figure.py"

@@ -21,5 +21,7 @@ with open(snakemake.log[0], "w") as log:
         snakemake.output.scatter,
         snakemake.output.grid,
         snakemake.output.machines,
+        snakemake.output.paper,
+        pipeline_samples=snakemake.params.pipeline_samples,
     )
     print(json.dumps(summary, default=str), file=log)

@@ -6,6 +6,7 @@ import sys
 import torch
 
 from els.cnn import stages
+from els.cnn.provenance import write_provenance
 
 with open(snakemake.log[0], "w") as log:
     sys.stderr = log  # the progress bar and warnings go to the job's log
@@ -24,5 +25,12 @@ with open(snakemake.log[0], "w") as log:
         snakemake.output.loss_csv,
         snakemake.output.loss_png,
         progress=True,
+    )
+    write_provenance(
+        snakemake.output.provenance,
+        snakemake.output.model,
+        settings,
+        info,
+        device=str(settings.torch_device()),
     )
     print(json.dumps(info), file=log)
