@@ -25,7 +25,7 @@ import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
-from .io import read_json, write_json
+from .io import file_sha256, read_json, write_json
 
 INPUTS_DIR = "results/data/{dataset}/inputs"
 CACHE_DIR = Path(".snakemake") / "els"
@@ -102,20 +102,12 @@ def _cached_hashes(name: str, folder: Path, files: list[Path], root: Path) -> di
         if entry and entry[:2] == stamp:
             digest = entry[2]
         else:
-            digest = _sha256_of_file(path)
+            digest = file_sha256(path)
         hashes[str(path)] = digest
         fresh[str(path)] = [*stamp, digest]
     if fresh != cache:
         write_json(cache_path, fresh)
     return hashes
-
-
-def _sha256_of_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def select(prepared: Path, prepared_meta: Path, train: Path, meta: Path) -> None:

@@ -193,6 +193,15 @@ class ContentHasher:
         return self._sha.hexdigest()
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 (hex) of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def content_sha256(
     tensors: torch.Tensor | np.ndarray | Mapping[str, torch.Tensor | np.ndarray],
     *,

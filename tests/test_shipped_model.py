@@ -127,7 +127,8 @@ def test_a_shipped_model_needs_the_pipeline_to_sample_its_comparison(tmp_path):
         "machines": ["bbels", "ideal"],
         "schedules": {"bbels": str(schedule), "ideal": str(schedule)},
     }
-    rules = CnnRules(section, {"datasets": {"FashionMNIST": dataset}})
+    sample = "results/samples/{dataset}/{machine}/{cls}/seed{seed}.safetensors"
+    rules = CnnRules(section, {"datasets": {"FashionMNIST": dataset}}, pipeline_sample=sample)
     wc = type("W", (), {"dataset": "FashionMNIST", "model": "m"})()
     assert rules.model_file(wc) == str(WEIGHTS) and rules.scales_file(wc) == str(schedule)
     assert rules.machine_samples(wc) == [

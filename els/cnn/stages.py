@@ -380,9 +380,10 @@ def class_samples(
             images = {}
             for mi, kind in enumerate(machines):
                 first = (mi * len(labels) + ci) * len(seeds)
-                samples = [read_sample(p) for p in machine_paths[first : first + len(seeds)]]
-                for seed, path, sample in zip(seeds, machine_paths[first:], samples, strict=False):
-                    if not torch.equal(sample.noise, cnn["noise"][seeds.index(seed)]):
+                paths = machine_paths[first : first + len(seeds)]
+                samples = [read_sample(path) for path in paths]
+                for j, (path, sample) in enumerate(zip(paths, samples, strict=True)):
+                    if not torch.equal(sample.noise, cnn["noise"][j]):
                         raise ValueError(f"{path} does not start from {cnn_path}'s noise")
                 images[kind] = torch.stack([sample.image for sample in samples])
         else:

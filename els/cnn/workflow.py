@@ -7,8 +7,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 CNN_ROOT = "results/cnn/{dataset}/{model}"
-# a sample of the main pipeline (workflow/rules/common.smk's SAMPLE)
-PIPELINE_SAMPLE = "results/samples/{dataset}/{machine}/{cls}/seed{seed}.safetensors"
 # the config keys each stage reads: a rule reruns only when its own keys change (a new evaluation
 # seed must not retrain the CNN)
 DATA_KEYS = ["dataset", "classes", "max_train_per_class", "conditional", "device"]
@@ -38,14 +36,17 @@ class CnnRules:
     `schedule` (files in the repository): then nothing is trained, and its machines' samples are
     the main pipeline's own samples of the same (class, seed), which the config must ask for with
     the same schedule and training images (checked here, at start-up). config: the whole config;
-    workflow_dir: where relative shipped paths missing from the working directory are looked for."""
+    workflow_dir: where relative shipped paths missing from the working directory are looked for;
+    pipeline_sample: the path pattern of the pipeline's samples (common.smk's SAMPLE)."""
 
     def __init__(
         self,
         section: dict | None,
         config: Mapping | None = None,
         workflow_dir: str | Path | None = None,
+        pipeline_sample: str | None = None,
     ):
+        self.pipeline_sample = pipeline_sample
         self.section = validate_section(section) if section else {}
         if self.section:
             resolve_shipped_paths(self.section, workflow_dir)
@@ -81,9 +82,11 @@ class CnnRules:
         machine, class and seed, in that order (machine outermost)."""
         if not self.shipped(wildcards.model):
             return self.per_class(f"{CNN_ROOT}/samples/machines/{{cls}}.safetensors")(wildcards)
+        if self.pipeline_sample is None:
+            raise ValueError("CnnRules needs pipeline_sample to compare a shipped model")
         settings = self.settings(wildcards.model)
         return [
-            PIPELINE_SAMPLE.format(dataset=wildcards.dataset, machine=m, cls=c, seed=s)
+            self.pipeline_sample.format(dataset=wildcards.dataset, machine=m, cls=c, seed=s)
             for m in settings.compared_machines
             for c in self.class_labels()
             for s in settings.evaluation_seeds

@@ -10,7 +10,7 @@
 
 from els.cnn.workflow import CNN_ROOT, CnnRules
 
-CNN_RULES = CnnRules(config.get("cnn"), config, WORKFLOW_DIR)
+CNN_RULES = CnnRules(config.get("cnn"), config, WORKFLOW_DIR, SAMPLE)
 
 
 wildcard_constraints:
