@@ -97,9 +97,10 @@ def main(argv=None) -> None:
                 "device": str(device),
                 "threads": torch.get_num_threads(),
                 "steps": steps,
-                "prepare_s": f"{prepare_s:.2f}",
-                "sample_s": f"{sample_s:.2f}",
-                "per_step_s": f"{sample_s / steps:.3f}",
+                # Significant figures, not decimals: a millisecond machine is not written as 0.
+                "prepare_s": f"{prepare_s:.3g}",
+                "sample_s": f"{sample_s:.3g}",
+                "per_step_s": f"{sample_s / steps:.3g}",
                 "peak_memory_gb": f"{peak:.2f}",
                 "load_before": f"{load_before:.2f}",
                 "load_after": f"{os.getloadavg()[0]:.2f}",
@@ -135,7 +136,7 @@ def main(argv=None) -> None:
         )
         record("bbels", index_s, seconds, peak, load)
         for row in rows:
-            row["ratio_to_bbels"] = f"{row['seconds'] / seconds:.3f}"
+            row["ratio_to_bbels"] = f"{row['seconds'] / seconds:.3g}"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("w", newline="") as f:
         writer = csv.DictWriter(f, FIELDS, extrasaction="ignore")
