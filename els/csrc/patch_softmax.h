@@ -331,7 +331,7 @@ inline void row_window(const T* A, T* Tb, int64_t width, int64_t ev, int64_t k, 
 
 template <typename T, bool STATS>
 void run_item(const Inputs<T>& in, int64_t b, const Block& blk, int64_t j0, int64_t j1,
-              Partial<T>& part) {
+              const T* seed, Partial<T>& part) {
   constexpr int VL = Lanes<T>::n;
   const int64_t C = in.C, k = in.k, h = k / 2;
   const Rect& Q = blk.q;
@@ -360,7 +360,9 @@ void run_item(const Inputs<T>& in, int64_t b, const Block& blk, int64_t j0, int6
   const T slack = T(kRescaleSlack), skip = T(skip_below<T>());
   V lane_index;
   for (int l = 0; l < VL; ++l) lane_index[l] = T(l);
-  std::vector<T> m(nq, lowest), s(nq * VL, T(0)), acc(nq * C * VL, T(0));
+  // seed: each query's running maximum from the image's first chunk (see run), else -inf
+  std::vector<T> m = seed ? std::vector<T>(seed, seed + nq) : std::vector<T>(nq, lowest);
+  std::vector<T> s(nq * VL, T(0)), acc(nq * C * VL, T(0));
   std::vector<T> sq(STATS ? nq * VL : 0, T(0)), bv(STATS ? nq * VL : 0, lowest);
   std::vector<int32_t> bj(STATS ? nq * VL : 0, 0), br(STATS ? nq * VL : 0, 0),
       bc(STATS ? nq * VL : 0, 0);
@@ -558,15 +560,25 @@ void run(const Inputs<T>& in, const Outputs& out, int64_t B, const std::vector<B
   const int64_t nchunks = (in.N + kImageChunk - 1) / kImageChunk;
   const int64_t nb = int64_t(blocks.size()), items = B * nb * nchunks;
   std::vector<Partial<T>> parts(items);
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-  for (int64_t i = 0; i < items; ++i) {
+  auto item = [&](int64_t i, const T* seed) {
     const int64_t c = i % nchunks, blk = (i / nchunks) % nb, b = i / (nchunks * nb);
     const int64_t j0 = c * kImageChunk, j1 = std::min(in.N, j0 + kImageChunk);
     if (stats)
-      run_item<T, true>(in, b, blocks[blk], j0, j1, parts[i]);
+      run_item<T, true>(in, b, blocks[blk], j0, j1, seed, parts[i]);
     else
-      run_item<T, false>(in, b, blocks[blk], j0, j1, parts[i]);
-  }
+      run_item<T, false>(in, b, blocks[blk], j0, j1, seed, parts[i]);
+  };
+  // The first chunk of every (image, block) runs first; its final running maxima seed the other
+  // chunks. Started at -inf, each chunk would fold its first candidates for nothing while its
+  // maximum climbs (at low noise most folded weights end up far below the final maximum). A seed
+  // is a folded logit of the query, so it never exceeds the query's final maximum and the bound
+  // of skip_below holds unchanged. The seeds depend only on the first chunk, never on the thread
+  // count or the batch.
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+  for (int64_t i = 0; i < B * nb; ++i) item(i * nchunks, nullptr);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+  for (int64_t i = 0; i < items; ++i)
+    if (i % nchunks) item(i, parts[i - i % nchunks].m.data());
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
   for (int64_t i = 0; i < B * nb; ++i) {
     const Partial<T>* p = parts.data() + i * nchunks;
