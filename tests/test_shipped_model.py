@@ -152,3 +152,44 @@ def test_a_shipped_model_needs_the_pipeline_to_sample_its_comparison(tmp_path):
 def test_shipped_provenance_is_plain_json():
     record = json.loads(provenance_path(WEIGHTS).read_text())
     assert record["weights_file"] == WEIGHTS.name and len(record["weights_sha256"]) == 64
+
+
+@pytest.mark.skipif(
+    not (DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file(),
+    reason="no FashionMNIST copy on this machine (apt-get install dataset-fashion-mnist)",
+)
+def test_the_default_config_compares_the_shipped_cnn_end_to_end(tmp_path):
+    """config.yaml's cnn: section through the Snakefile on a subset (class 3, 2 seeds, 32 training
+    images, no machine comparison): no training, the CNN sampled from the machines' noise, and
+    r2.csv with one row per seed and both r^2 and R^2 of each compared machine in [-1, 1]."""
+    from tiny_workflow import run_snakemake, write_config
+
+    config = yaml.safe_load((ROOT / "config.yaml").read_text())
+    dataset = config["datasets"]["FashionMNIST"]
+    schedule = str(ROOT / dataset["schedules"]["bbels"])
+    dataset.update(
+        classes=[3], seeds=[0, 1], max_train_per_class=32, machines=["bbels", "ideal"],
+        schedules={"bbels": schedule, "ideal": schedule},
+    )  # fmt: skip
+    dataset.pop("comparison")
+    config["data"].update(
+        local_dirs=[str(DEBIAN_FASHION_MNIST)], allow_download=False, allow_apt=False
+    )
+    section = config["cnn"]
+    section.update(classes=[3], max_train_per_class=32)
+    section["calibration"]["reference"] = str(ROOT / section["calibration"]["reference"])
+    (name,) = section["models"]
+    section["models"][name]["schedule"] = schedule  # weights: found in the workflow's folder
+    write_config(tmp_path, config)
+    run = run_snakemake(tmp_path, "--cores", "2", timeout=1200)
+    assert "rule train_cnn:" not in run.output and "rule calibrate_schedule:" not in run.output
+    out = tmp_path / "results" / "cnn" / "FashionMNIST" / name
+    with (out / "r2.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["class"], r["seed"]) for r in rows] == [("3", "0"), ("3", "1")]
+    for row in rows:
+        for column in ("r2_bbels", "r2_ideal", "R2_bbels", "R2_ideal"):
+            assert -1.0 <= float(row[column]) <= 1.0, (column, row)
+        assert float(row["R2_bbels"]) <= float(row["r2_bbels"]) + 1e-9
+    for file in ("r2_summary.csv", "r2_paper.csv", "r2_scatter.png", "samples_grid.png"):
+        assert (out / file).stat().st_size > 0, file

@@ -40,6 +40,8 @@ rule train_cnn:
         "logs/train_cnn/{dataset}/{model}.log",
     benchmark:
         "logs/benchmarks/train_cnn/{dataset}/{model}.tsv"
+    conda:
+        "../envs/els.yaml"
     threads: CNN_RULES.resource("train", "threads")
     resources:
         mem_mb=CNN_RULES.resource("train", "mem_mb"),
@@ -71,6 +73,8 @@ rule calibrate_schedule:
         "logs/calibrate_schedule/{dataset}/{model}.log",
     benchmark:
         "logs/benchmarks/calibrate_schedule/{dataset}/{model}.tsv"
+    conda:
+        "../envs/els.yaml"
     threads: CNN_RULES.resource("calibrate", "threads")
     resources:
         mem_mb=CNN_RULES.resource("calibrate", "mem_mb"),
@@ -91,6 +95,8 @@ rule sample_cnn:
         "logs/sample_cnn/{dataset}/{model}/{cls}.log",
     benchmark:
         "logs/benchmarks/sample_cnn/{dataset}/{model}/{cls}.tsv"
+    conda:
+        "../envs/els.yaml"
     threads: CNN_RULES.resource("sample", "threads")
     resources:
         mem_mb=CNN_RULES.resource("sample", "mem_mb"),
@@ -112,6 +118,8 @@ rule sample_machines_cnn:
         "logs/sample_machines_cnn/{dataset}/{model}/{cls}.log",
     benchmark:
         "logs/benchmarks/sample_machines_cnn/{dataset}/{model}/{cls}.tsv"
+    conda:
+        "../envs/els.yaml"
     threads: CNN_RULES.resource("sample", "threads")
     resources:
         mem_mb=CNN_RULES.resource("sample", "mem_mb"),
@@ -158,6 +166,8 @@ rule evaluate_r2:
         "logs/evaluate_r2/{dataset}/{model}.log",
     benchmark:
         "logs/benchmarks/evaluate_r2/{dataset}/{model}.tsv"
+    conda:
+        "../envs/els.yaml"
     threads: CNN_RULES.resource("evaluate", "threads")
     resources:
         mem_mb=CNN_RULES.resource("evaluate", "mem_mb"),
@@ -183,6 +193,8 @@ rule cnn_schedule_figure:
         ),
     log:
         "logs/cnn_schedule_figure/{dataset}/{model}.log",
+    conda:
+        "../envs/els.yaml"
     threads: CNN_RULES.resource("evaluate", "threads")
     resources:
         mem_mb=CNN_RULES.resource("evaluate", "mem_mb"),
