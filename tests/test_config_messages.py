@@ -154,7 +154,7 @@ def test_start_checks_name_the_files_and_resolve_shipped_schedules(tmp_path, mon
     config = copy.deepcopy(DEFAULT)
     start_checks(config, ["config.yaml"], REPO)
     assert fm(config)["schedules"]["bbels"] == str(
-        REPO / "scales" / "FashionMNIST_ResNet_zeros_conditional.txt"
+        REPO / "scales" / "FashionMNIST_resnet32x6_zeros_calibrated.txt"
     )
     config["sampling"]["dtype"] = "half"
     with pytest.raises(ConfigError, match=r"^1 problem\(s\) in config.yaml:\n  sampling.dtype"):
