@@ -27,6 +27,7 @@
 #include <cstring>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -135,6 +136,17 @@ template <typename T>
 using vec_t = typename Vec<T>::type;
 template <typename T>
 using ivec_t = typename Vec<T>::itype;
+// the integer of a lane of ivec_t<T>: candidate indices in the provenance statistics
+template <typename T>
+using lane_int = typename std::conditional<sizeof(T) == 4, int32_t, int64_t>::type;
+template <>
+struct Vec<int32_t> {
+  typedef int32_t type __attribute__((vector_size(kVecBytes)));
+};
+template <>
+struct Vec<int64_t> {
+  typedef int64_t type __attribute__((vector_size(kVecBytes)));
+};
 
 template <typename T>
 inline vec_t<T> vload(const T* p) {
@@ -358,13 +370,18 @@ void run_item(const Inputs<T>& in, int64_t b, const Block& blk, int64_t j0, int6
   std::vector<T> A(Wu * width), Tb(Lq * width);
   const T lowest = -std::numeric_limits<T>::infinity();
   const T slack = T(kRescaleSlack), skip = T(skip_below<T>());
+  typedef ivec_t<T> IV;
   V lane_index;
-  for (int l = 0; l < VL; ++l) lane_index[l] = T(l);
+  IV lane_col;
+  for (int l = 0; l < VL; ++l) {
+    lane_index[l] = T(l);
+    lane_col[l] = l;
+  }
   // seed: each query's running maximum from the image's first chunk (see run), else -inf
   std::vector<T> m = seed ? std::vector<T>(seed, seed + nq) : std::vector<T>(nq, lowest);
   std::vector<T> s(nq * VL, T(0)), acc(nq * C * VL, T(0));
   std::vector<T> sq(STATS ? nq * VL : 0, T(0)), bv(STATS ? nq * VL : 0, lowest);
-  std::vector<int32_t> bj(STATS ? nq * VL : 0, 0), br(STATS ? nq * VL : 0, 0),
+  std::vector<lane_int<T>> bj(STATS ? nq * VL : 0, 0), br(STATS ? nq * VL : 0, 0),
       bc(STATS ? nq * VL : 0, 0);
   const T* xb = in.xq + b * C * in.Hq * in.Wq;
 
@@ -457,17 +474,16 @@ void run_item(const Inputs<T>& in, int64_t b, const Block& blk, int64_t j0, int6
             if (STATS) {
               T* s2 = sq.data() + q * VL;
               vstore(s2, vload(s2) + w * w);
+              // the lane's first largest logit and its candidate (lanes past the row hold -inf)
               T* bvq = bv.data() + q * VL;
-              int32_t* bjq = bj.data() + q * VL;
-              int32_t* brq = br.data() + q * VL;
-              int32_t* bcq = bc.data() + q * VL;
-              for (int l = 0; l < VL; ++l) {
-                const bool better = v * VL + l < n && lg[v][l] > bvq[l];
-                bvq[l] = better ? lg[v][l] : bvq[l];
-                bjq[l] = better ? int32_t(j) : bjq[l];
-                brq[l] = better ? int32_t(cr) : brq[l];
-                bcq[l] = better ? int32_t(cc0 + v * VL + l) : bcq[l];
-              }
+              lane_int<T>* bjq = bj.data() + q * VL;
+              lane_int<T>* brq = br.data() + q * VL;
+              lane_int<T>* bcq = bc.data() + q * VL;
+              const IV better = lg[v] > vload(bvq);
+              vstore(bvq, better ? lg[v] : vload(bvq));
+              vstore(bjq, better ? vsplat<lane_int<T>>(lane_int<T>(j)) : vload(bjq));
+              vstore(brq, better ? vsplat<lane_int<T>>(lane_int<T>(cr)) : vload(brq));
+              vstore(bcq, better ? lane_col + lane_int<T>(cc0 + v * VL) : vload(bcq));
             }
           }
           vstore(sum_q, sum);
