@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from .io import content_sha256, write_safetensors
 from .kernel import LANE_PAD
 
+NORM_CHUNK = 512  # images per chunk of the candidate norms' prefix sums
 MACHINES = ("ideal", "ls", "els", "bbels")
 FORMAT_VERSION = 3
 # code value of an 8-bit pixel u is 2u - 255, so that the zero padding (0.0 in [-1, 1]) is the code 0
@@ -165,11 +166,15 @@ class PatchIndex:
             return cached[1]
         h = k // 2
         N, C, H, W = self.images.shape
-        sq = to_float(self.images.to(device), torch.float64).square().sum(1)  # [N, H, W]
-        sq = F.pad(sq, (h + 1, h, h + 1, h))  # a zero row/col first: the prefix sum's origin
-        cum = sq.cumsum(1).cumsum(2)
-        box = cum[:, k:, k:] - cum[:, :-k, k:] - cum[:, k:, :-k] + cum[:, :-k, :-k]
-        norms = F.pad(box.to(dtype), (0, LANE_PAD)).contiguous()
+        norms = torch.zeros(N, H, W + LANE_PAD, dtype=dtype, device=device)
+        # in chunks of images: the float64 prefix sums of a whole class would take ~10x its size
+        for j in range(0, N, NORM_CHUNK):
+            images = self.images[j : j + NORM_CHUNK].to(device)
+            sq = to_float(images, torch.float64).square().sum(1)  # [n, H, W]
+            sq = F.pad(sq, (h + 1, h, h + 1, h))  # a zero row/col first: the prefix sum's origin
+            cum = sq.cumsum(1).cumsum(2)
+            box = cum[:, k:, k:] - cum[:, :-k, k:] - cum[:, k:, :-k] + cum[:, :-k, :-k]
+            norms[j : j + NORM_CHUNK, :, :W] = box.to(dtype)
         self._prepared["norms"] = (key, norms)
         return norms
 
