@@ -194,6 +194,18 @@ def trajectory_figure(
 
 # Distinct colours for the top sources of a mosaic (tab10 without its grey, which means "other").
 SOURCE_COLOURS = tuple(matplotlib.colormaps["tab10"](i)[:3] for i in (0, 1, 2, 3, 4, 5, 6, 8, 9))
+
+
+def plural(n: int, noun: str) -> str:
+    """'1 source', '872 sources'."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def percent(fraction: float) -> str:
+    """A share as text a reader can tell from zero: '0.4%', '3.2%', '45%'."""
+    return f"{100 * fraction:.1f}%" if fraction < 0.1 else f"{100 * fraction:.0f}%"
+
+
 OTHER_GREY = 0.55  # pixels from any source outside the top ones
 SAMPLE_FAINTNESS = 0.35  # weight of the sample under the region colours
 
@@ -322,8 +334,9 @@ def plot_provenance(
     ax.imshow(regions, interpolation="nearest")
     _bare(ax)
     ax.set_title(
-        f"mosaic: source training image per pixel\n{n_sources} sources; the top {len(legend)} "
-        f"supply {100 * covered:.0f}% of the pixels",
+        f"mosaic: source training image per pixel\n{plural(n_sources, 'source')}; "
+        + (f"the top {len(legend)} supply" if len(legend) > 1 else "the top one supplies")
+        + f" {percent(covered)} of the pixels",
         fontsize=9,
     )
     handles = [

@@ -12,7 +12,14 @@ from dataclasses import dataclass
 
 import torch
 
-from .figures import machine_label, pair_figure, plot_provenance, trajectory_figure
+from .figures import (
+    machine_label,
+    pair_figure,
+    percent,
+    plot_provenance,
+    plural,
+    trajectory_figure,
+)
 from .io import read_safetensors, write_json, write_png, write_safetensors, write_sample
 from .neighbours import nearest_train_image, training_subset
 from .provenance import mosaic_summary
@@ -208,7 +215,7 @@ def write_provenance(
         *(prov[name] for name in PROVENANCE_NAMES),
         *entry.steps(),
         machine_images,
-        title=f"{key.title()}: {numbers['n_sources']} source images, top one "
-        f"{100 * numbers['top_source_share']:.0f}% of pixels",
+        title=f"{key.title()}: {plural(numbers['n_sources'], 'source image')}, the top one "
+        f"supplies {percent(numbers['top_source_share'])} of the pixels",
     )
     return numbers
