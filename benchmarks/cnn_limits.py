@@ -64,12 +64,14 @@ def main(argv=None):
     p.add_argument("--run", type=Path, default=Path("."), help="a finished default run's folder")
     p.add_argument("--stop-after", type=int, default=1000, help="training steps of the variants")
     p.add_argument("--narrow", type=int, default=16, help="channels of the narrower variant")
+    p.add_argument("--classes", type=int, nargs="+", help="default: the config's (0-9)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="the default run's seeds")
     p.add_argument("--work", type=Path, default=Path("results/benchmarks/cnn_limits"))
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     section = yaml.safe_load(CONFIG.read_text())["cnn"]
     settings = resolve_settings(section, MODEL, num_classes=10)
-    classes, seeds = list(settings.classes), [0, 1]
+    classes, seeds = args.classes or list(settings.classes), args.seeds
     data = args.run / "results" / "data" / "FashionMNIST" / "train.safetensors"
 
     shipped = load_model(SHIPPED)

@@ -1,12 +1,13 @@
-"""benchmarks/run_benchmark.py and benchmarks/zoo_benchmark.py end to end on a tiny
-FashionMNIST-format set (every section runs and writes its table), and the yardstick's evaluation
-against the loop implementation."""
+"""benchmarks/run_benchmark.py, benchmarks/zoo_benchmark.py and benchmarks/cnn_limits.py end to
+end on a tiny FashionMNIST-format set (every section runs and writes its table), and the
+yardstick's evaluation against the loop implementation."""
 
 import hashlib
 import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import torch
 from data_factory import (
     IDX_IMAGES_MAGIC,
@@ -23,34 +24,38 @@ from els import data
 from els.index import to_float
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks import run_benchmark, zoo_benchmark  # noqa: E402
+from benchmarks import cnn_limits, run_benchmark, zoo_benchmark  # noqa: E402
 from benchmarks.yardstick import interior_evaluation  # noqa: E402
 
 
-def tiny_fashion_mnist(tmp_path, monkeypatch) -> Path:
+@pytest.fixture(scope="module")
+def tiny_fashion_mnist(tmp_path_factory) -> Path:
+    """A prepared FashionMNIST-format file of the tiny IDX set, shared by this module's tests."""
+    tmp_path = tmp_path_factory.mktemp("tiny_fashion_mnist")
     images, labels = write_idx_dataset(tmp_path / "fashion-mnist", num_classes=10)
-    monkeypatch.setitem(
-        data.RECORDED_SHA256,
-        "FashionMNIST",
-        {
-            IMAGES_FILE: hashlib.sha256(idx_bytes(images, IDX_IMAGES_MAGIC)).hexdigest(),
-            LABELS_FILE: hashlib.sha256(idx_bytes(labels, IDX_LABELS_MAGIC)).hexdigest(),
-        },
-    )
-    out = tmp_path / "train.safetensors"
-    data.prepare_dataset(
-        "FashionMNIST",
-        tmp_path / "raw",
-        out,
-        local_dirs=[tmp_path / "fashion-mnist"],
-        allow_download=False,
-        allow_apt=False,
-    )
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setitem(
+            data.RECORDED_SHA256,
+            "FashionMNIST",
+            {
+                IMAGES_FILE: hashlib.sha256(idx_bytes(images, IDX_IMAGES_MAGIC)).hexdigest(),
+                LABELS_FILE: hashlib.sha256(idx_bytes(labels, IDX_LABELS_MAGIC)).hexdigest(),
+            },
+        )
+        out = tmp_path / "train.safetensors"
+        data.prepare_dataset(
+            "FashionMNIST",
+            tmp_path / "raw",
+            out,
+            local_dirs=[tmp_path / "fashion-mnist"],
+            allow_download=False,
+            allow_apt=False,
+        )
     return out
 
 
-def test_benchmark_runs_every_section_and_writes_its_tables(tmp_path, monkeypatch):
-    prepared = tiny_fashion_mnist(tmp_path, monkeypatch)
+def test_benchmark_runs_every_section_and_writes_its_tables(tmp_path, tiny_fashion_mnist):
+    prepared = tiny_fashion_mnist
     out = tmp_path / "bench"
     args = ["--data", str(prepared), "--n-train", "6", "--ks", "3,17", "--baseline-ks", "17"]
     run_benchmark.main([*args, "--batches", "1,2", "--sample-batches", "1,2", "--out", str(out)])
@@ -64,8 +69,10 @@ def test_benchmark_runs_every_section_and_writes_its_tables(tmp_path, monkeypatc
     assert (samples["index_mb"] < 10 * samples["class_uint8_mb"] + 0.01).all()
 
 
-def test_zoo_benchmark_writes_a_row_per_machine_and_the_ratio_to_bbels(tmp_path, monkeypatch):
-    prepared = tiny_fashion_mnist(tmp_path, monkeypatch)
+def test_zoo_benchmark_writes_a_row_per_machine_and_the_ratio_to_bbels(
+    tmp_path, tiny_fashion_mnist
+):
+    prepared = tiny_fashion_mnist
     out = tmp_path / "zoo.csv"
     zoo_benchmark.main(["--data", str(prepared), "--quick", "--out", str(out)])
     table = pd.read_csv(out)
@@ -81,3 +88,49 @@ def test_yardstick_evaluation_is_the_interior_of_bbels():
         h = k // 2
         got = interior_evaluation(x, train8, k, t)
         assert (got.double() - ref[0, 0, h : 9 - h, h : 9 - h]).abs().max() < 1e-4
+
+
+def test_cnn_limits_trains_the_variants_and_writes_r2_per_model_and_seed(
+    tmp_path, tiny_fashion_mnist
+):
+    """A 'finished run' of class 0, seeds 0 and 1 (bbELS and IS sample files from the pipeline's
+    noise): the shipped model and the two variants (2 training steps here) each get one row per
+    seed with r^2 against both machines."""
+    from els.io import write_sample
+    from els.noise import noise_for
+
+    run = tmp_path / "run"
+    data_dir = run / "results" / "data" / "FashionMNIST"
+    data_dir.mkdir(parents=True)
+    prepared = tiny_fashion_mnist
+    for name in ("train.safetensors", "meta.json"):
+        if (prepared.parent / name).exists():
+            (data_dir / name).write_bytes((prepared.parent / name).read_bytes())
+    generator = torch.Generator().manual_seed(0)
+    for kind in ("bbels", "ideal"):
+        for seed in (0, 1):
+            write_sample(
+                run
+                / "results"
+                / "samples"
+                / "FashionMNIST"
+                / kind
+                / "0"
+                / f"seed{seed}.safetensors",
+                noise=noise_for("FashionMNIST", 0, seed, (1, 32, 32)),
+                image=torch.rand(1, 32, 32, generator=generator) * 2 - 1,
+                metadata={"machine": kind},
+            )
+    out = tmp_path / "limits.csv"
+    args = ["--run", str(run), "--classes", "0", "--stop-after", "2", "--narrow", "8"]
+    cnn_limits.main([*args, "--work", str(tmp_path / "work"), "--out", str(out)])
+    table = pd.read_csv(out)
+    assert list(table["model"].unique()) == [
+        "resnet32x6_zeros (shipped)",
+        "resnet32x6_zeros",
+        "resnet8x6_zeros",
+    ]
+    assert table.groupby("model")["seed"].apply(list).map(sorted).tolist() == [[0, 1]] * 3
+    assert (table.loc[table["model"] != "resnet32x6_zeros (shipped)", "train_steps"] == 2).all()
+    for column in ("r2_bbels", "r2_ideal"):
+        assert table[column].between(0.0, 1.0).all()
