@@ -194,6 +194,8 @@ def trajectory_figure(
 
 # Distinct colours for the top sources of a mosaic (tab10 without its grey, which means "other").
 SOURCE_COLOURS = tuple(matplotlib.colormaps["tab10"](i)[:3] for i in (0, 1, 2, 3, 4, 5, 6, 8, 9))
+OTHER_GREY = 0.55  # pixels from any source outside the top ones
+SAMPLE_FAINTNESS = 0.35  # weight of the sample under the region colours
 
 
 def plural(n: int, noun: str) -> str:
@@ -204,10 +206,6 @@ def plural(n: int, noun: str) -> str:
 def percent(fraction: float) -> str:
     """A share as text a reader can tell from zero: '0.4%', '3.2%', '45%'."""
     return f"{100 * fraction:.1f}%" if fraction < 0.1 else f"{100 * fraction:.0f}%"
-
-
-OTHER_GREY = 0.55  # pixels from any source outside the top ones
-SAMPLE_FAINTNESS = 0.35  # weight of the sample under the region colours
 
 
 def faint_gray(sample: torch.Tensor) -> np.ndarray:

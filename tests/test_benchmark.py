@@ -55,9 +55,17 @@ def tiny_fashion_mnist(tmp_path_factory) -> Path:
 
 
 def test_benchmark_runs_every_section_and_writes_its_tables(tmp_path, tiny_fashion_mnist):
-    prepared = tiny_fashion_mnist
     out = tmp_path / "bench"
-    args = ["--data", str(prepared), "--n-train", "6", "--ks", "3,17", "--baseline-ks", "17"]
+    args = [
+        "--data",
+        str(tiny_fashion_mnist),
+        "--n-train",
+        "6",
+        "--ks",
+        "3,17",
+        "--baseline-ks",
+        "17",
+    ]
     run_benchmark.main([*args, "--batches", "1,2", "--sample-batches", "1,2", "--out", str(out)])
     evals = pd.read_csv(out / "full_evals.csv")
     assert set(evals["mode"]) == {"baseline", "exact"}
@@ -72,9 +80,8 @@ def test_benchmark_runs_every_section_and_writes_its_tables(tmp_path, tiny_fashi
 def test_zoo_benchmark_writes_a_row_per_machine_and_the_ratio_to_bbels(
     tmp_path, tiny_fashion_mnist
 ):
-    prepared = tiny_fashion_mnist
     out = tmp_path / "zoo.csv"
-    zoo_benchmark.main(["--data", str(prepared), "--quick", "--out", str(out)])
+    zoo_benchmark.main(["--data", str(tiny_fashion_mnist), "--quick", "--out", str(out)])
     table = pd.read_csv(out)
     assert list(table["machine"]) == [*els.ZOO_KINDS, "bbels"]
     assert (table["sample_s"] > 0).all() and table["ratio_to_bbels"].iloc[-1] == 1.0
@@ -102,21 +109,13 @@ def test_cnn_limits_trains_the_variants_and_writes_r2_per_model_and_seed(
     run = tmp_path / "run"
     data_dir = run / "results" / "data" / "FashionMNIST"
     data_dir.mkdir(parents=True)
-    prepared = tiny_fashion_mnist
-    for name in ("train.safetensors", "meta.json"):
-        if (prepared.parent / name).exists():
-            (data_dir / name).write_bytes((prepared.parent / name).read_bytes())
+    (data_dir / "train.safetensors").write_bytes(tiny_fashion_mnist.read_bytes())
+    samples = run / "results" / "samples" / "FashionMNIST"
     generator = torch.Generator().manual_seed(0)
     for kind in ("bbels", "ideal"):
         for seed in (0, 1):
             write_sample(
-                run
-                / "results"
-                / "samples"
-                / "FashionMNIST"
-                / kind
-                / "0"
-                / f"seed{seed}.safetensors",
+                samples / kind / "0" / f"seed{seed}.safetensors",
                 noise=noise_for("FashionMNIST", 0, seed, (1, 32, 32)),
                 image=torch.rand(1, 32, 32, generator=generator) * 2 - 1,
                 metadata={"machine": kind},
