@@ -39,7 +39,6 @@ def sample(
     index: PatchIndex | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
-    memory_budget: int | None = None,
     return_trajectory: bool = False,
     provenance: bool = False,
     callback=None,
@@ -53,8 +52,8 @@ def sample(
     noise: finite float [B, C, H, W] (N(0, I)); dtype: float32 (default) or float64.
     Returns the final images [B, C, H, W] (dtype, on device), or (images, Trajectory) with
     return_trajectory=True; provenance=True also records each step's Provenance in the trajectory.
-    The training-free denoisers (els.zoo.ZOO_KINDS) take their parameters, `stats` and `keys` as
-    zoo_options (see els.zoo.sample); `index` is a patch-machine option.
+    The training-free denoisers (els.zoo.ZOO_KINDS) take their parameters, `stats`, `keys` and
+    `memory_budget` as zoo_options (see els.zoo.sample); `index` is a patch-machine option.
     """
     from . import zoo
 
@@ -64,7 +63,7 @@ def sample(
                 f"{kind}: a PatchIndex is for the patch machines (zoo kinds use stats)"
             )
         return zoo.sample(
-            kind, train, scales, noise, device=device, dtype=dtype, memory_budget=memory_budget,
+            kind, train, scales, noise, device=device, dtype=dtype,
             return_trajectory=return_trajectory, provenance=provenance, callback=callback,
             disable=disable, **zoo_options,
         )  # fmt: skip
@@ -98,7 +97,6 @@ def sample(
             x,
             t,
             None if kind == "ideal" else k,
-            memory_budget=memory_budget,
             return_provenance=provenance,
         )
         return (out[0], {"provenance": out[1]}) if provenance else out

@@ -35,7 +35,7 @@ from .index import (
     check_train_images,
     to_float,
 )
-from .kernel import DENSE_BUDGET, patch_softmax
+from .kernel import patch_softmax
 from .schedule import noise_scale, signal_scale
 
 
@@ -118,38 +118,20 @@ def _check_query(x: torch.Tensor, t: float, index: PatchIndex) -> None:
         raise ValueError("x contains NaN or infinite values: a score needs a finite x")
 
 
-def _check_budget(memory_budget) -> int:
-    if memory_budget is None:
-        return DENSE_BUDGET
-    if (
-        isinstance(memory_budget, bool)
-        or not isinstance(memory_budget, int)
-        or memory_budget < 2**20
-    ):
-        raise ValueError(
-            f"memory_budget={memory_budget!r}: must be an int of at least 1 MiB (2**20 bytes); "
-            "it bounds the chunks of the dense products on a GPU (the CPU kernel's memory is fixed)"
-        )
-    return memory_budget
-
-
 def denoise(
     index: PatchIndex,
     x: torch.Tensor,
     t: float,
     k: int | None = None,
     *,
-    memory_budget: int | None = None,
     return_provenance: bool = False,
 ):
     """The machine's denoised image m(x, t) [B, C, H, W] (and Provenance if asked).
 
     x: float32 or float64 [B, C, H, W], finite (x_t; noise is N(0, I)); 0 < t < 1; k: the patch
-    size, one of index.ks (may be left out when the index serves one). memory_budget (bytes,
-    >= 1 MiB) bounds the dense products' chunks on a GPU. The arithmetic is IEEE float32 or
-    float64 everywhere (never TF32 on a GPU)."""
+    size, one of index.ks (may be left out when the index serves one). The arithmetic is IEEE
+    float32 or float64 everywhere (never TF32 on a GPU)."""
     _check_query(x, t, index)
-    budget = _check_budget(memory_budget)
     a, b = signal_scale(t), noise_scale(t)
     b2 = b * b
     if index.machine == "ideal":
@@ -162,19 +144,9 @@ def denoise(
     train, pad = index.padded_images(x.dtype, x.device)
     norms = index.candidate_norms(k, x.dtype, x.device)
     blocks = machine_blocks(index.machine, k, H, W)
-    with ieee_float32(x.device):
-        out = patch_softmax(
-            queries,
-            train,
-            pad,
-            norms,
-            blocks,
-            k,
-            a / b2,
-            a * a / (2 * b2),
-            return_provenance,
-            budget,
-        )
+    out = patch_softmax(
+        queries, train, pad, norms, blocks, k, a / b2, a * a / (2 * b2), return_provenance
+    )
     if not return_provenance:
         return out.mean
     return out.mean, Provenance(
@@ -242,7 +214,6 @@ def score(
     k: int | None = None,
     *,
     index: PatchIndex | None = None,
-    memory_budget: int | None = None,
     **zoo_options,
 ) -> torch.Tensor:
     """s(x, t) of machine `kind` ('ideal', 'ls', 'els', 'bbels'), shape of x.
@@ -250,12 +221,12 @@ def score(
     x: float32/float64 [B, C, H, W], finite; 0 < t < 1. train: [N, C, H, W] uint8 (8-bit images)
     or float in [-1, 1]; k: odd patch size (ignored by 'ideal'). Pass a prebuilt `index` instead
     of train to reuse it across calls. The training-free denoisers (els.zoo.ZOO_KINDS) take their
-    parameters as zoo_options.
+    parameters (and memory_budget) as zoo_options.
     """
     from . import zoo
 
     if kind in zoo.ZOO_KINDS:
-        return zoo.score(kind, x, t, train, k, memory_budget=memory_budget, **zoo_options)
+        return zoo.score(kind, x, t, train, k, **zoo_options)
     if zoo_options:
         raise TypeError(f"machine {kind!r} takes no option {', '.join(sorted(zoo_options))}")
     if kind not in MACHINES:
@@ -267,7 +238,7 @@ def score(
         index = PatchIndex.build(train, kind, k)
     else:
         index.check(kind, None if kind == "ideal" else k)
-    m = denoise(index.to(x.device), x, t, k, memory_budget=memory_budget)
+    m = denoise(index.to(x.device), x, t, k)
     return score_from_denoised(x, m, t)
 
 

@@ -1,7 +1,13 @@
+import os
 import shutil
 
 import pytest
 import torch
+
+# Without a GPU the Triton kernel (els/triton_kernel.py) runs in Triton's interpreter, which must be
+# chosen before triton is imported (tests/test_machines.py runs it against the loop implementation).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

@@ -1,5 +1,5 @@
-"""benchmarks/run_benchmark.py, benchmarks/zoo_benchmark.py and benchmarks/cnn_limits.py end to
-end on a tiny FashionMNIST-format set (every section runs and writes its table), and the
+"""benchmarks/run_benchmark.py, gpu_benchmark.py (on the CPU), zoo_benchmark.py and cnn_limits.py end
+to end on a tiny FashionMNIST-format set (every section runs and writes its table), and the
 yardstick's evaluation against the loop implementation."""
 
 import hashlib
@@ -24,7 +24,7 @@ from els import data
 from els.index import to_float
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks import cnn_limits, run_benchmark, zoo_benchmark  # noqa: E402
+from benchmarks import cnn_limits, gpu_benchmark, run_benchmark, zoo_benchmark  # noqa: E402
 from benchmarks.yardstick import interior_evaluation  # noqa: E402
 
 
@@ -75,6 +75,20 @@ def test_benchmark_runs_every_section_and_writes_its_tables(tmp_path, tiny_fashi
     assert list(samples["batch"]) == [1, 2]
     assert (samples["max_abs_diff_vs_float64"] < 1e-3).all()
     assert (samples["index_mb"] < 10 * samples["class_uint8_mb"] + 0.01).all()
+
+
+def test_gpu_benchmark_writes_a_row_per_batch_with_the_device_and_the_cpu_difference(
+    tmp_path, tiny_fashion_mnist
+):
+    # on the CPU the "device" sample is the CPU kernel's own: the same bits as the reference sample
+    out = tmp_path / "bench"
+    args = ["--data", str(tiny_fashion_mnist), "--n-train", "4", "--batches", "1,2"]
+    gpu_benchmark.main([*args, "--device", "cpu", "--out", str(out)])
+    table = pd.read_csv(out / "full_gpu_samples.csv")
+    assert list(table["batch"]) == [1, 2]
+    assert table["device"].str.startswith("cpu").all()
+    assert (table["max_abs_diff_vs_cpu"] == 0).all()
+    assert (table["per_sample_s"] > 0).all()
 
 
 def test_zoo_benchmark_writes_a_row_per_machine_and_the_ratio_to_bbels(

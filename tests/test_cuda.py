@@ -1,8 +1,8 @@
 """The GPU path: every machine on CUDA against the loop implementation of the spec (float64), a
 float32 sample on CUDA against the same sample on the CPU, provenance, batches bitwise equal to single
-seeds. These run only where torch sees a CUDA device (benchmarks/gpu_run.sh runs them on a lent GPU);
-the CPU suite runs the same dense products on the CPU (tests/test_machines.py, dense_on_cpu). ELS_TEST_DEVICE=cpu runs them on the CPU (a check
-of the tests themselves)."""
+seeds. These run only where torch sees a CUDA device; the CPU suite runs the same Triton kernel in
+Triton's interpreter (tests/test_machines.py, triton_on_cpu). ELS_TEST_DEVICE=cpu runs them on the
+CPU (a check of the tests themselves)."""
 
 import os
 

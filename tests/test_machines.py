@@ -74,39 +74,77 @@ def test_8bit_training_set_matches_loop(kind, k):
         assert_close(got, ref_score(kind, x, t, train, k))
 
 
-def dense_on_cpu(monkeypatch):
-    """Run the dense torch products (the GPU's path) on the CPU."""
-    monkeypatch.setattr(els.kernel, "compiled_kernel", lambda: None)
+def triton_on_cpu(monkeypatch, image_chunk=2):
+    """Run the GPU's Triton kernel on the CPU, in Triton's interpreter (conftest.py chooses it), with
+    chunks of `image_chunk` training images so that tiny training sets merge several chunks."""
+    from els import triton_kernel
+
+    monkeypatch.setattr(els.kernel, "kernel_for", lambda device: triton_kernel.patch_softmax)
+    monkeypatch.setattr(triton_kernel, "IMAGE_CHUNK", image_chunk)
 
 
-@pytest.mark.parametrize("budget", [None, 2**20])
-def test_dense_products_match_loop_in_any_chunking(monkeypatch, budget):
-    # 1 MiB forces small chunks of training images: the streaming log-sum-exp must agree
-    dense_on_cpu(monkeypatch)
-    train = random_images(5, 3, 8, 8, seed=9)
-    x = random_images(2, 3, 8, 8, seed=10)
-    for kind, k in [("ls", 5), ("els", 3), ("bbels", 5), ("bbels", 9)]:
-        idx = els.PatchIndex.build(train, kind, k)
-        got, prov = els.denoise(idx, x, 0.2, memory_budget=budget, return_provenance=True)
-        assert_close(got, ref_denoise(kind, x, 0.2, train, k))
-        monkeypatch.undo()
-        kernel_m, kernel_prov = els.denoise(idx, x, 0.2, return_provenance=True)
-        dense_on_cpu(monkeypatch)
-        assert_close(got, kernel_m)
-        for f in ("image", "row", "col"):
-            assert torch.equal(getattr(prov, f), getattr(kernel_prov, f)), (kind, f)
-        assert_close(prov.n_eff, kernel_prov.n_eff)
+# every enumeration of the Triton kernel: centres of R (els, bbELS interior), displacements of D
+# (ls, bbELS border lines and corners; bbELS with k >= the image size is all corner)
+TRITON_CASES = [("ls", 3), ("els", 3), ("bbels", 3), ("bbels", 5), ("bbels", 9)]
 
 
-def test_memory_budget_below_one_chunk_is_refused(monkeypatch):
-    dense_on_cpu(monkeypatch)
-    train = random_images(3, 1, 32, 32, seed=9)
-    idx = els.PatchIndex.build(train, "els", 3)
-    with pytest.raises(ValueError, match="below what one training image's logits need"):
-        els.denoise(idx, random_images(1, 1, 32, 32), 0.5, memory_budget=2**20)
-    for bad in (0, -1, 10, 2.5):
-        with pytest.raises(ValueError, match="memory_budget"):
-            els.denoise(idx, random_images(1, 1, 32, 32), 0.5, memory_budget=bad)
+@pytest.mark.parametrize("kind,k", TRITON_CASES)
+def test_triton_kernel_matches_loop_and_cpu_kernel(monkeypatch, kind, k):
+    """float64 against the loop (1e-10), the dominant candidates equal to the C++ kernel's (a training
+    set with repeated images: ties must break alike), float32 close to the C++ kernel's float32."""
+    train = random_8bit_images(5, 2, 8, 7, seed=9)
+    train[3] = train[1]  # equal logits: the first of them is the dominant candidate
+    x = random_images(2, 2, 8, 7, seed=10)
+    idx = els.PatchIndex.build(train, kind, k)
+    cpu64, cpu_prov = els.denoise(idx, x, 0.2, return_provenance=True)
+    cpu32 = els.denoise(idx, x.float(), 0.6)
+    triton_on_cpu(monkeypatch)
+    got, prov = els.denoise(idx, x, 0.2, return_provenance=True)
+    assert_close(got, ref_denoise(kind, x, 0.2, to_float(train, torch.float64), k))
+    for f in ("image", "row", "col"):
+        assert torch.equal(getattr(prov, f), getattr(cpu_prov, f)), (kind, f)
+    assert_close(prov.weight, cpu_prov.weight, rtol=1e-12)
+    assert_close(prov.n_eff, cpu_prov.n_eff, rtol=1e-12)
+    assert_close(els.denoise(idx, x.float(), 0.6).double(), cpu32.double(), rtol=2e-5)
+
+
+@pytest.mark.parametrize("kind,k", [("els", 3), ("bbels", 5)])
+def test_triton_float32_batch_is_bit_identical_to_single_images(monkeypatch, kind, k):
+    triton_on_cpu(monkeypatch)
+    train = random_8bit_images(5, 1, 7, 7, seed=40)
+    x = random_images(3, 1, 7, 7, seed=41).float()
+    idx = els.PatchIndex.build(train, kind, k)
+    together = els.denoise(idx, x, 0.3, return_provenance=True)
+    alone = [els.denoise(idx, x[i : i + 1], 0.3, return_provenance=True) for i in range(3)]
+    assert torch.equal(together[0], torch.cat([a[0] for a in alone]))
+    for f in ("image", "row", "col", "weight", "n_eff"):
+        assert torch.equal(getattr(together[1], f), torch.cat([getattr(a[1], f) for a in alone]))
+
+
+def test_triton_kernel_refuses_cpu_tensors_outside_the_interpreter(monkeypatch):
+    from triton import knobs
+
+    from els import triton_kernel
+
+    monkeypatch.setattr(knobs.runtime, "interpret", False)
+    idx = els.PatchIndex.build(random_8bit_images(2, 1, 7, 7), "ls", 3)
+    monkeypatch.setattr(els.kernel, "kernel_for", lambda device: triton_kernel.patch_softmax)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        els.denoise(idx, random_images(1, 1, 7, 7), 0.5)
+
+
+def test_a_cpu_without_a_compiler_gets_an_error_that_says_what_to_install(monkeypatch):
+    def no_compiler():
+        raise OSError("g++: not found")
+
+    monkeypatch.setattr(els.kernel, "_state", {})
+    monkeypatch.setattr(els.kernel, "_load", no_compiler)
+    idx = els.PatchIndex.build(random_8bit_images(2, 1, 7, 7), "ls", 3)
+    for _ in range(2):  # the failure is kept, not retried
+        with pytest.raises(
+            RuntimeError, match=r"could not be compiled \(OSError: g\+\+: not found.*C\+\+ compiler"
+        ):
+            els.denoise(idx, random_images(1, 1, 7, 7), 0.5)
 
 
 def test_kernel_result_does_not_depend_on_the_thread_count():
@@ -226,12 +264,9 @@ def test_batch_shares_work_and_equals_single_queries():
 
 @pytest.mark.parametrize("kind,k", [("ideal", None), ("ls", 5), ("els", 3), ("bbels", 5)])
 @pytest.mark.parametrize("C", [1, 3])
-@pytest.mark.parametrize("dense", [False, True])
-def test_float32_batch_is_bit_identical_to_single_images(monkeypatch, kind, k, C, dense):
+def test_float32_batch_is_bit_identical_to_single_images(kind, k, C):
     """Batching seeds may not change a seed's float32 result at all: each query image's arithmetic
-    is its own (the kernel's work items never mix images; the dense products run per image)."""
-    if dense:
-        dense_on_cpu(monkeypatch)
+    is its own (the kernel's work items never mix images)."""
     train = random_8bit_images(40, C, 12, 12, seed=40)
     x = random_images(5, C, 12, 12, seed=41).float()
     idx = els.PatchIndex.build(train, kind, k)

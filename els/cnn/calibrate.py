@@ -42,7 +42,6 @@ def machine_cosines(
     build_index: Callable[[torch.Tensor, str, int], PatchIndex] = PatchIndex.build,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
-    memory_budget: int | None = None,
     progress: bool | None = None,
 ) -> torch.Tensor:
     """cos(s_machine,k(x_t), s_cnn(x_t)) for every step, k and sample: [steps, len(patch_sizes), B].
@@ -65,7 +64,7 @@ def machine_cosines(
             zip(trajectory.t, trajectory.x, trajectory.score, strict=True)
         ):
             x = x.to(device=device, dtype=dtype)
-            s_k = machine_score(machine, x, t, index=index, memory_budget=memory_budget)
+            s_k = machine_score(machine, x, t, index=index)
             out[i, j] = cosine_per_sample(s_k.cpu(), s_cnn)
             bar.update(1)
         del index

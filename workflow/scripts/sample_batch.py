@@ -40,6 +40,7 @@ with log_to(snakemake.log[0]):
         zoo_options = {
             "stats": source,
             "keys": [noise_key(wc.dataset, wc.cls, s) for s in seeds],
+            "memory_budget": int(float(snakemake.resources.els_memory_budget_gb) * 2**30),
             **snakemake.params.zoo,
         }
     else:
@@ -60,7 +61,6 @@ with log_to(snakemake.log[0]):
         index=index,
         device=device,
         dtype=dtype,
-        memory_budget=int(float(snakemake.resources.els_memory_budget_gb) * 2**30),
         return_trajectory=True,
         provenance=provenance,
         disable=False,  # tqdm bar in the log
