@@ -341,11 +341,13 @@ inline void row_window(const T* A, T* Tb, int64_t width, int64_t ev, int64_t k, 
   }
 }
 
-template <typename T, bool STATS>
+// NC > 0: the channel count, known when compiled, so that a query's weighted centre sums stay in
+// registers across its vectors of candidates (NC = 0: any C, summed in memory)
+template <typename T, bool STATS, int NC>
 void run_item(const Inputs<T>& in, int64_t b, const Block& blk, int64_t j0, int64_t j1,
               const T* seed, Partial<T>& part) {
   constexpr int VL = Lanes<T>::n;
-  const int64_t C = in.C, k = in.k, h = k / 2;
+  const int64_t C = NC > 0 ? NC : in.C, k = in.k, h = k / 2;
   const Rect& Q = blk.q;
   const Rect& R = blk.r;
   const Rect& D = blk.d;
@@ -462,14 +464,20 @@ void run_item(const Inputs<T>& in, int64_t b, const Block& blk, int64_t j0, int6
           }
           if (!any_lane<T>(top > mq - skip)) continue;  // every weight below e^-skip: see skip_below
           V sum = vload(sum_q);
+          V acc_reg[NC > 0 ? NC : 1];
+          for (int ch = 0; ch < NC; ++ch) acc_reg[ch] = vload(acq + ch * VL);
           for (int64_t v = 0; v < nv; ++v) {
             if (!any_lane<T>(lg[v] > mq - skip)) continue;  // see skip_below
             V w = vexp_neg(lg[v] - mq);
             if (v == nv - 1) w = lane_index < T(n - v * VL) ? w : V{};  // lanes past the row
             sum += w;
-            for (int64_t ch = 0; ch < C; ++ch) {
-              const T* yc = yj + (ch * in.Hy + cr + in.yo) * in.Wy + cc0 + in.xo + v * VL;
-              vstore(acq + ch * VL, vload(acq + ch * VL) + w * vload(yc));
+            const T* yc = yj + (cr + in.yo) * in.Wy + cc0 + in.xo + v * VL;
+            if (NC > 0) {
+              for (int ch = 0; ch < NC; ++ch)
+                acc_reg[ch] += w * vload(yc + ch * in.Hy * in.Wy);
+            } else {
+              for (int64_t ch = 0; ch < C; ++ch)
+                vstore(acq + ch * VL, vload(acq + ch * VL) + w * vload(yc + ch * in.Hy * in.Wy));
             }
             if (STATS) {
               T* s2 = sq.data() + q * VL;
@@ -486,6 +494,7 @@ void run_item(const Inputs<T>& in, int64_t b, const Block& blk, int64_t j0, int6
               vstore(bcq, better ? lane_col + lane_int<T>(cc0 + v * VL) : vload(bcq));
             }
           }
+          for (int ch = 0; ch < NC; ++ch) vstore(acq + ch * VL, acc_reg[ch]);
           vstore(sum_q, sum);
         }
       }
@@ -579,10 +588,22 @@ void run(const Inputs<T>& in, const Outputs& out, int64_t B, const std::vector<B
   auto item = [&](int64_t i, const T* seed) {
     const int64_t c = i % nchunks, blk = (i / nchunks) % nb, b = i / (nchunks * nb);
     const int64_t j0 = c * kImageChunk, j1 = std::min(in.N, j0 + kImageChunk);
-    if (stats)
-      run_item<T, true>(in, b, blocks[blk], j0, j1, seed, parts[i]);
-    else
-      run_item<T, false>(in, b, blocks[blk], j0, j1, seed, parts[i]);
+    const Block& bk = blocks[blk];
+    if (stats) {
+      if (in.C == 1)
+        run_item<T, true, 1>(in, b, bk, j0, j1, seed, parts[i]);
+      else if (in.C == 3)
+        run_item<T, true, 3>(in, b, bk, j0, j1, seed, parts[i]);
+      else
+        run_item<T, true, 0>(in, b, bk, j0, j1, seed, parts[i]);
+    } else {
+      if (in.C == 1)
+        run_item<T, false, 1>(in, b, bk, j0, j1, seed, parts[i]);
+      else if (in.C == 3)
+        run_item<T, false, 3>(in, b, bk, j0, j1, seed, parts[i]);
+      else
+        run_item<T, false, 0>(in, b, bk, j0, j1, seed, parts[i]);
+    }
   };
   // The first chunk of every (image, block) runs first; its final running maxima seed the other
   // chunks. Started at -inf, each chunk would fold its first candidates for nothing while its
