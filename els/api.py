@@ -11,6 +11,7 @@ from .index import MACHINES, PatchIndex, PatchIndexError, check_patch_size
 from .machines import Provenance, denoise
 from .sampler import sample_reverse
 from .scales import validate_scales
+from .schedule import reverse_steps
 
 
 @dataclass
@@ -51,7 +52,9 @@ def sample(
     index: a PatchIndex serving every k of the schedule (PatchIndex.build or .load), to reuse.
     noise: finite float [B, C, H, W] (N(0, I)); dtype: float32 (default) or float64.
     Returns the final images [B, C, H, W] (dtype, on device), or (images, Trajectory) with
-    return_trajectory=True; provenance=True also records each step's Provenance in the trajectory.
+    return_trajectory=True; provenance=True also records each step's Provenance in the trajectory
+    (a patch machine's holds n_eff only before the last step, whose dominant candidates are the
+    sources of the final image).
     The training-free denoisers (els.zoo.ZOO_KINDS) take their parameters, `stats`, `keys` and
     `memory_budget` as zoo_options (see els.zoo.sample); `index` is a patch-machine option.
     """
@@ -91,6 +94,8 @@ def sample(
         )
     index = index.to(device)
 
+    last_t = reverse_steps(len(scales))[-1][1]
+
     def denoiser(x, t, k):
         out = denoise(
             index,
@@ -98,6 +103,7 @@ def sample(
             t,
             None if kind == "ideal" else k,
             return_provenance=provenance,
+            provenance_sources=t == last_t,  # the sources of the final image only
         )
         return (out[0], {"provenance": out[1]}) if provenance else out
 
@@ -111,8 +117,9 @@ def sample(
             trajectory.denoised.append(step["denoised"].cpu())
             if provenance:
                 p = step["provenance"]
+                fields = (getattr(p, f) for f in Provenance.__dataclass_fields__)
                 trajectory.provenance.append(
-                    Provenance(*(getattr(p, f).cpu() for f in Provenance.__dataclass_fields__))
+                    Provenance(*(None if v is None else v.cpu() for v in fields))
                 )
         if callback is not None:
             callback(step)

@@ -34,10 +34,17 @@ _lock = threading.Lock()
 _state: dict = {}
 
 
+# what a kernel records beside the mean (its `stats` argument)
+NO_STATS = 0
+N_EFF = 1  # the effective number of candidates 1 / sum w^2
+SOURCES = 2  # and the dominant candidate: its training image, centre row and column, its weight
+
+
 @dataclass
 class KernelResult:
-    """Per query pixel: the softmax-weighted mean of candidate centres [B, C, H, W]; with stats, the
-    dominant candidate's training image, centre row and column, its weight, and 1 / sum w^2 [B, H, W]."""
+    """Per query pixel: the softmax-weighted mean of candidate centres [B, C, H, W]; with stats
+    N_EFF 1 / sum w^2, with SOURCES also the dominant candidate's training image, centre row and
+    column and its weight [B, H, W] (None where not recorded)."""
 
     mean: torch.Tensor
     best_image: torch.Tensor | None = None
@@ -158,7 +165,7 @@ def patch_softmax(
     k: int,
     alpha: float,
     beta: float,
-    stats: bool,
+    stats: int,
 ) -> KernelResult:
     """The softmax over displaced candidates for queries padded by k // 2 [B, C, H+2h, W+2h].
 
@@ -167,11 +174,11 @@ def patch_softmax(
     q >= W + k // 2 cover every displacement the C++ kernel's lanes read); norms
     [N, H, W + LANE_PAD]: squared norms of the k x k candidate patches at every centre; blocks
     [nb, 12]: (Q, R, D) rectangles (els.machines.machine_blocks); the logit of candidate c against
-    query q is alpha <q, c> - beta |c|^2."""
+    query q is alpha <q, c> - beta |c|^2; stats: NO_STATS, N_EFF or SOURCES."""
     kernel = kernel_for(queries.device)
     mean, best_w, n_eff, bj, br, bc = kernel(
         queries.contiguous(), padded_train, norms, blocks, k, pad[0], pad[1], alpha, beta, stats
     )
-    if not stats:
-        return KernelResult(mean)
-    return KernelResult(mean, bj, br, bc, best_w, n_eff)
+    if stats == SOURCES:
+        return KernelResult(mean, bj, br, bc, best_w, n_eff)
+    return KernelResult(mean, n_eff=n_eff if stats == N_EFF else None)

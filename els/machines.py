@@ -35,19 +35,20 @@ from .index import (
     check_train_images,
     to_float,
 )
-from .kernel import patch_softmax
+from .kernel import N_EFF, NO_STATS, SOURCES, patch_softmax
 from .schedule import noise_scale, signal_scale
 
 
 @dataclass
 class Provenance:
     """Per pixel [B, H, W]: the dominant candidate's training image, the row and column of its patch
-    centre in that image, its softmax weight, and the effective number of candidates 1 / sum w^2."""
+    centre in that image, its softmax weight (None where only n_eff was asked for), and the
+    effective number of candidates 1 / sum w^2."""
 
-    image: torch.Tensor
-    row: torch.Tensor
-    col: torch.Tensor
-    weight: torch.Tensor
+    image: torch.Tensor | None
+    row: torch.Tensor | None
+    col: torch.Tensor | None
+    weight: torch.Tensor | None
     n_eff: torch.Tensor
 
 
@@ -125,12 +126,16 @@ def denoise(
     k: int | None = None,
     *,
     return_provenance: bool = False,
+    provenance_sources: bool = True,
 ):
     """The machine's denoised image m(x, t) [B, C, H, W] (and Provenance if asked).
 
     x: float32 or float64 [B, C, H, W], finite (x_t; noise is N(0, I)); 0 < t < 1; k: the patch
     size, one of index.ks (may be left out when the index serves one). The arithmetic is IEEE
-    float32 or float64 everywhere (never TF32 on a GPU)."""
+    float32 or float64 everywhere (never TF32 on a GPU). With provenance_sources=False a patch
+    machine's Provenance holds n_eff only (image, row, col and weight None): tracking each pixel's
+    dominant candidate is a sizeable part of the kernel's time, and a sample's provenance needs it
+    at its last step only."""
     _check_query(x, t, index)
     a, b = signal_scale(t), noise_scale(t)
     b2 = b * b
@@ -144,9 +149,8 @@ def denoise(
     train, pad = index.padded_images(x.dtype, x.device)
     norms = index.candidate_norms(k, x.dtype, x.device)
     blocks = machine_blocks(index.machine, k, H, W)
-    out = patch_softmax(
-        queries, train, pad, norms, blocks, k, a / b2, a * a / (2 * b2), return_provenance
-    )
+    stats = (SOURCES if provenance_sources else N_EFF) if return_provenance else NO_STATS
+    out = patch_softmax(queries, train, pad, norms, blocks, k, a / b2, a * a / (2 * b2), stats)
     if not return_provenance:
         return out.mean
     return out.mean, Provenance(

@@ -116,8 +116,9 @@ def _softmax_chunk(
             for c in tl.static_range(C):
                 centre = tl.load(yj + (c * Hy + cr + yo) * Wy + cc + xo, mask=readable, other=0.0)
                 acc += tl.where(chs[None, :] == c, tl.sum(w * centre, axis=1)[:, None], 0.0)
-            if STATS:
+            if STATS >= 1:
                 sq = sq * f * f + tl.sum(w * w, axis=1)
+            if STATS >= 2:
                 # the tile's first largest logit; an equal one in a later tile never replaces it
                 arg = tl.argmax(logit, axis=1, tie_break_left=True)
                 gid = tl.broadcast_to(
@@ -165,8 +166,9 @@ def _merge_chunks(
         acc += f[:, None] * tl.load(
             part_acc + o[:, None] * CP + chs[None, :], mask=ok[:, None], other=0.0
         )
-        if STATS:
+        if STATS >= 1:
             s2 += f * f * tl.load(part_f + o * 4 + 2, mask=ok, other=0.0)
+        if STATS >= 2:
             cb = tl.load(part_f + o * 4 + 3, mask=ok, other=float("-inf"))
             better = cb > best  # a tie keeps the earlier chunk: the earlier image
             best = tl.where(better, cb, best)
@@ -176,10 +178,11 @@ def _merge_chunks(
     pix = (q_r0 + p // Lq) * W + q_c0 + p % Lq
     out = (b * C + chs[None, :]).to(tl.int64) * (H * W) + pix[:, None]
     tl.store(mean + out, acc / tot[:, None], mask=ok[:, None] & (chs[None, :] < C))
-    if STATS:
-        o = b.to(tl.int64) * (H * W) + pix
-        tl.store(best_w + o, tl.exp(best - ref) / tot, mask=ok)
+    o = b.to(tl.int64) * (H * W) + pix
+    if STATS >= 1:
         tl.store(n_eff + o, tot * tot / s2, mask=ok)
+    if STATS >= 2:
+        tl.store(best_w + o, tl.exp(best - ref) / tot, mask=ok)
         tl.store(best_j + o, bid // (H * W), mask=ok)
         tl.store(best_r + o, (bid // W) % H, mask=ok)
         tl.store(best_c + o, bid % W, mask=ok)
@@ -191,8 +194,8 @@ def _power_of_two(n: int) -> int:
 
 def patch_softmax(queries, padded_train, norms, blocks, k, row_pad, col_pad, alpha, beta, stats):
     """Same arguments and results as the C++ module's patch_softmax (els.kernel), less the thread
-    count: (mean [B, C, H, W], best weight, n_eff, best image, row, col [B, H, W], the last five
-    empty without stats)."""
+    count: (mean [B, C, H, W], best weight, n_eff, best image, row, col [B, H, W]); stats 0, 1
+    (n_eff) or 2 (and the dominant candidate), what is not recorded is empty."""
     if queries.device.type == "cpu" and not triton.knobs.runtime.interpret:
         raise RuntimeError(
             "the Triton kernel runs CPU tensors only in Triton's interpreter: set TRITON_INTERPRET=1 "
@@ -206,10 +209,13 @@ def patch_softmax(queries, padded_train, norms, blocks, k, row_pad, col_pad, alp
     dtype, device = queries.dtype, queries.device
     ab = torch.tensor([alpha, beta], dtype=dtype, device=device)  # float64 stays float64
     mean = torch.empty(B, C, H, W, dtype=dtype, device=device)
-    shape = (B, H, W) if stats else (0,)
-    best_w = torch.empty(shape, dtype=dtype, device=device)
-    n_eff = torch.empty(shape, dtype=dtype, device=device)
-    best = [torch.empty(shape, dtype=torch.long, device=device) for _ in range(3)]
+
+    def per_pixel(level, dtype):
+        return torch.empty((B, H, W) if stats >= level else (0,), dtype=dtype, device=device)
+
+    best_w = per_pixel(2, dtype)
+    n_eff = per_pixel(1, dtype)
+    best = [per_pixel(2, torch.long) for _ in range(3)]
     n_chunks = -(-N // IMAGE_CHUNK)
     CP = _power_of_two(C)
     for q_r0, q_r1, q_c0, q_c1, r_r0, r_r1, r_c0, r_c1, d_r0, d_r1, d_c0, d_c1 in blocks.tolist():

@@ -105,6 +105,8 @@ def test_triton_kernel_matches_loop_and_cpu_kernel(monkeypatch, kind, k):
         assert torch.equal(getattr(prov, f), getattr(cpu_prov, f)), (kind, f)
     assert_close(prov.weight, cpu_prov.weight, rtol=1e-12)
     assert_close(prov.n_eff, cpu_prov.n_eff, rtol=1e-12)
+    light = els.denoise(idx, x, 0.2, return_provenance=True, provenance_sources=False)[1]
+    assert torch.equal(light.n_eff, prov.n_eff) and light.image is None
     assert_close(els.denoise(idx, x.float(), 0.6).double(), cpu32.double(), rtol=2e-5)
 
 

@@ -74,7 +74,24 @@ def test_sampler_records_provenance_per_step():
     )
     assert len(traj.provenance) == 2
     assert traj.provenance[-1].image.shape == (2, 7, 7)
-    assert (traj.provenance[-1].n_eff >= 1 - 1e-9).all()
+    # n_eff at every step, the dominant candidates (the sources of the sample) at the last one
+    first = traj.provenance[0]
+    assert first.image is None and first.row is None and first.weight is None
+    for p in traj.provenance:
+        assert (p.n_eff >= 1 - 1e-9).all()
+
+
+@pytest.mark.parametrize("kind,k", [("ls", 3), ("els", 3), ("bbels", 5)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_n_eff_alone_equals_n_eff_beside_the_sources(kind, k, dtype):
+    train = random_images(40, 2, 9, 9, seed=6).to(dtype)
+    x = random_images(2, 2, 9, 9, seed=7).to(dtype)
+    index = els.PatchIndex.build(train, kind, k)
+    m_all, full = els.denoise(index, x, 0.2, return_provenance=True)
+    m, light = els.denoise(index, x, 0.2, return_provenance=True, provenance_sources=False)
+    assert torch.equal(m, m_all) and torch.equal(light.n_eff, full.n_eff)
+    assert light.image is None and light.row is None and light.col is None
+    assert light.weight is None
 
 
 @pytest.fixture(scope="module")

@@ -7,14 +7,16 @@ using namespace els_kernel;
 
 // xq [B, C, H + 2h, W + 2h] padded queries; y [N, C, Hy, Wy] training images zero-padded, pixel
 // (r, c) at (r + yo, c + xo); cn [N, H, Wn] squared norms of the k x k candidate patches at every
-// centre (Wn >= W + 16); blocks [nb, 12] int64 (Q, R, D rectangles as r0 r1 c0 c1, inclusive).
+// centre (Wn >= W + 16); blocks [nb, 12] int64 (Q, R, D rectangles as r0 r1 c0 c1, inclusive);
+// stats: 0 the mean only, 1 and n_eff, 2 and the dominant candidate (Stats in patch_softmax.h).
 std::vector<torch::Tensor> patch_softmax(torch::Tensor xq, torch::Tensor y, torch::Tensor cn,
                                          torch::Tensor blocks, int64_t k, int64_t yo, int64_t xo,
-                                         double alpha, double beta, bool stats,
+                                         double alpha, double beta, int64_t stats,
                                          int64_t threads) {
   TORCH_CHECK(xq.device().is_cpu() && y.device().is_cpu() && cn.device().is_cpu(), "CPU tensors");
   TORCH_CHECK(xq.scalar_type() == y.scalar_type() && y.scalar_type() == cn.scalar_type(),
               "one dtype");
+  TORCH_CHECK(stats >= kNoStats && stats <= kSources, "stats is 0, 1 or 2");
   TORCH_CHECK(xq.is_contiguous() && y.is_contiguous() && cn.is_contiguous(), "contiguous");
   const int64_t B = xq.size(0), C = xq.size(1), H = cn.size(1), W = xq.size(3) - 2 * (k / 2);
   TORCH_CHECK(y.size(1) == C && y.size(2) >= H + yo + k / 2 && yo >= k / 2 && cn.size(2) >= W + 16,
@@ -42,7 +44,7 @@ std::vector<torch::Tensor> patch_softmax(torch::Tensor xq, torch::Tensor y, torc
     Inputs<scalar_t> in{xq.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), cn.data_ptr<scalar_t>(),
                         y.size(0), C, H, W, xq.size(2), xq.size(3), y.size(2), y.size(3),
                         cn.size(2), k, yo, xo, scalar_t(alpha), scalar_t(beta)};
-    run<scalar_t>(in, out, B, bs, stats, int(threads));
+    run<scalar_t>(in, out, B, bs, Stats(stats), int(threads));
   });
   return {mean, best_w, n_eff, bj, br, bc};
 }

@@ -229,6 +229,10 @@ struct Rect {
   int64_t r0, r1, c0, c1;  // inclusive
 };
 
+// what a run records beside the mean: nothing, the sum of squared weights (n_eff), or that and
+// each query's dominant candidate (its first largest logit: image, row, col, weight)
+enum Stats : int { kNoStats = 0, kNeff = 1, kSources = 2 };
+
 struct Block {
   Rect q, r, d;  // query pixels, candidate centres, displacements
 };
@@ -343,7 +347,7 @@ inline void row_window(const T* A, T* Tb, int64_t width, int64_t ev, int64_t k, 
 
 // NC > 0: the channel count, known when compiled, so that a query's weighted centre sums stay in
 // registers across its vectors of candidates (NC = 0: any C, summed in memory)
-template <typename T, bool STATS, int NC>
+template <typename T, int STATS, int NC>
 void run_item(const Inputs<T>& in, int64_t b, const Block& blk, int64_t j0, int64_t j1,
               const T* seed, Partial<T>& part) {
   constexpr int VL = Lanes<T>::n;
@@ -382,9 +386,9 @@ void run_item(const Inputs<T>& in, int64_t b, const Block& blk, int64_t j0, int6
   // seed: each query's running maximum from the image's first chunk (see run), else -inf
   std::vector<T> m = seed ? std::vector<T>(seed, seed + nq) : std::vector<T>(nq, lowest);
   std::vector<T> s(nq * VL, T(0)), acc(nq * C * VL, T(0));
-  std::vector<T> sq(STATS ? nq * VL : 0, T(0)), bv(STATS ? nq * VL : 0, lowest);
-  std::vector<lane_int<T>> bj(STATS ? nq * VL : 0, 0), br(STATS ? nq * VL : 0, 0),
-      bc(STATS ? nq * VL : 0, 0);
+  const int64_t nsq = STATS >= kNeff ? nq * VL : 0, nbest = STATS >= kSources ? nq * VL : 0;
+  std::vector<T> sq(nsq, T(0)), bv(nbest, lowest);
+  std::vector<lane_int<T>> bj(nbest, 0), br(nbest, 0), bc(nbest, 0);
   const T* xb = in.xq + b * C * in.Hq * in.Wq;
 
   for (int64_t j = j0; j < j1; ++j) {
@@ -459,7 +463,7 @@ void run_item(const Inputs<T>& in, int64_t b, const Block& blk, int64_t j0, int6
             const T f = mq == lowest ? T(0) : exp_neg(mq - bm);
             vstore(sum_q, vload(sum_q) * f);
             for (int64_t ch = 0; ch < C; ++ch) vstore(acq + ch * VL, vload(acq + ch * VL) * f);
-            if (STATS) vstore(sq.data() + q * VL, vload(sq.data() + q * VL) * (f * f));
+            if (STATS >= kNeff) vstore(sq.data() + q * VL, vload(sq.data() + q * VL) * (f * f));
             m[q] = mq = bm;
           }
           if (!any_lane<T>(top > mq - skip)) continue;  // every weight below e^-skip: see skip_below
@@ -479,9 +483,11 @@ void run_item(const Inputs<T>& in, int64_t b, const Block& blk, int64_t j0, int6
               for (int64_t ch = 0; ch < C; ++ch)
                 vstore(acq + ch * VL, vload(acq + ch * VL) + w * vload(yc + ch * in.Hy * in.Wy));
             }
-            if (STATS) {
+            if (STATS >= kNeff) {
               T* s2 = sq.data() + q * VL;
               vstore(s2, vload(s2) + w * w);
+            }
+            if (STATS >= kSources) {
               // the lane's first largest logit and its candidate (lanes past the row hold -inf)
               T* bvq = bv.data() + q * VL;
               lane_int<T>* bjq = bj.data() + q * VL;
@@ -504,8 +510,8 @@ void run_item(const Inputs<T>& in, int64_t b, const Block& blk, int64_t j0, int6
   part.m = m;
   part.s.assign(nq, T(0));
   part.acc.assign(nq * C, T(0));
-  if (STATS) {
-    part.sq.assign(nq, T(0));
+  if (STATS >= kNeff) part.sq.assign(nq, T(0));
+  if (STATS >= kSources) {
     part.best.assign(nq, lowest);
     part.bj.assign(nq, 0);
     part.br.assign(nq, 0);
@@ -515,10 +521,11 @@ void run_item(const Inputs<T>& in, int64_t b, const Block& blk, int64_t j0, int6
     for (int l = 0; l < VL; ++l) part.s[q] += s[q * VL + l];
     for (int64_t ch = 0; ch < C; ++ch)
       for (int l = 0; l < VL; ++l) part.acc[q * C + ch] += acc[(q * C + ch) * VL + l];
-    if (STATS) {
+    if (STATS >= kNeff)
+      for (int l = 0; l < VL; ++l) part.sq[q] += sq[q * VL + l];
+    if (STATS >= kSources) {
       for (int l = 0; l < VL; ++l) {
         const int64_t i = q * VL + l;
-        part.sq[q] += sq[i];
         // the largest logit; among equal ones the smallest (image, row, col): the first candidate
         const bool better =
             bv[i] > part.best[q] ||
@@ -536,7 +543,7 @@ void run_item(const Inputs<T>& in, int64_t b, const Block& blk, int64_t j0, int6
 }
 
 // merge the partial states of one (image, block) in chunk order and write its pixels
-template <typename T, bool STATS>
+template <typename T, int STATS>
 void write_block(const Inputs<T>& in, const Outputs& out, int64_t b, const Block& blk,
                  const Partial<T>* parts, int64_t nparts) {
   const int64_t C = in.C, H = in.H, W = in.W, Lq = blk.q.c1 - blk.q.c0 + 1;
@@ -556,8 +563,8 @@ void write_block(const Inputs<T>& in, const Outputs& out, int64_t b, const Block
       const T f = exp_neg(pc.m[q] - M);
       tot += f * pc.s[q];
       for (int64_t ch = 0; ch < C; ++ch) acc[ch] += f * pc.acc[q * C + ch];
-      if (STATS) {
-        s2 += f * f * pc.sq[q];
+      if (STATS >= kNeff) s2 += f * f * pc.sq[q];
+      if (STATS >= kSources) {
         if (pc.best[q] > best) {  // chunks in image order: a tie keeps the earlier image
           best = pc.best[q];
           lj = pc.bj[q];
@@ -568,10 +575,10 @@ void write_block(const Inputs<T>& in, const Outputs& out, int64_t b, const Block
     }
     const int64_t pix = (blk.q.r0 + q / Lq) * W + blk.q.c0 + q % Lq;
     for (int64_t ch = 0; ch < C; ++ch) mean[(b * C + ch) * H * W + pix] = acc[ch] / tot;
-    if (STATS) {
-      const int64_t o = b * H * W + pix;
+    const int64_t o = b * H * W + pix;
+    if (STATS >= kNeff) static_cast<T*>(out.n_eff)[o] = tot * tot / s2;
+    if (STATS >= kSources) {
       static_cast<T*>(out.best_w)[o] = exp_neg(best - M) / tot;
-      static_cast<T*>(out.n_eff)[o] = tot * tot / s2;
       out.best_j[o] = lj;
       out.best_r[o] = lr;
       out.best_c[o] = lc;
@@ -579,31 +586,32 @@ void write_block(const Inputs<T>& in, const Outputs& out, int64_t b, const Block
   }
 }
 
+template <typename T, int STATS>
+void run_item_of(const Inputs<T>& in, int64_t b, const Block& blk, int64_t j0, int64_t j1,
+                 const T* seed, Partial<T>& part) {
+  if (in.C == 1)
+    run_item<T, STATS, 1>(in, b, blk, j0, j1, seed, part);
+  else if (in.C == 3)
+    run_item<T, STATS, 3>(in, b, blk, j0, j1, seed, part);
+  else
+    run_item<T, STATS, 0>(in, b, blk, j0, j1, seed, part);
+}
+
 template <typename T>
 void run(const Inputs<T>& in, const Outputs& out, int64_t B, const std::vector<Block>& blocks,
-         bool stats, int threads) {
+         Stats stats, int threads) {
   const int64_t nchunks = (in.N + kImageChunk - 1) / kImageChunk;
   const int64_t nb = int64_t(blocks.size()), items = B * nb * nchunks;
   std::vector<Partial<T>> parts(items);
   auto item = [&](int64_t i, const T* seed) {
     const int64_t c = i % nchunks, blk = (i / nchunks) % nb, b = i / (nchunks * nb);
     const int64_t j0 = c * kImageChunk, j1 = std::min(in.N, j0 + kImageChunk);
-    const Block& bk = blocks[blk];
-    if (stats) {
-      if (in.C == 1)
-        run_item<T, true, 1>(in, b, bk, j0, j1, seed, parts[i]);
-      else if (in.C == 3)
-        run_item<T, true, 3>(in, b, bk, j0, j1, seed, parts[i]);
-      else
-        run_item<T, true, 0>(in, b, bk, j0, j1, seed, parts[i]);
-    } else {
-      if (in.C == 1)
-        run_item<T, false, 1>(in, b, bk, j0, j1, seed, parts[i]);
-      else if (in.C == 3)
-        run_item<T, false, 3>(in, b, bk, j0, j1, seed, parts[i]);
-      else
-        run_item<T, false, 0>(in, b, bk, j0, j1, seed, parts[i]);
-    }
+    if (stats == kSources)
+      run_item_of<T, kSources>(in, b, blocks[blk], j0, j1, seed, parts[i]);
+    else if (stats == kNeff)
+      run_item_of<T, kNeff>(in, b, blocks[blk], j0, j1, seed, parts[i]);
+    else
+      run_item_of<T, kNoStats>(in, b, blocks[blk], j0, j1, seed, parts[i]);
   };
   // The first chunk of every (image, block) runs first; its final running maxima seed the other
   // chunks. Started at -inf, each chunk would fold its first candidates for nothing while its
@@ -619,10 +627,12 @@ void run(const Inputs<T>& in, const Outputs& out, int64_t B, const std::vector<B
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
   for (int64_t i = 0; i < B * nb; ++i) {
     const Partial<T>* p = parts.data() + i * nchunks;
-    if (stats)
-      write_block<T, true>(in, out, i / nb, blocks[i % nb], p, nchunks);
+    if (stats == kSources)
+      write_block<T, kSources>(in, out, i / nb, blocks[i % nb], p, nchunks);
+    else if (stats == kNeff)
+      write_block<T, kNeff>(in, out, i / nb, blocks[i % nb], p, nchunks);
     else
-      write_block<T, false>(in, out, i / nb, blocks[i % nb], p, nchunks);
+      write_block<T, kNoStats>(in, out, i / nb, blocks[i % nb], p, nchunks);
   }
 }
 
