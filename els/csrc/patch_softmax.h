@@ -181,8 +181,12 @@ inline vec_t<float> vexp_neg(vec_t<float> x) {
   typedef ivec_t<float> I;
   x = x < Lanes<float>::floor ? vsplat<float>(Lanes<float>::floor) : x;
   const V y = x * 1.44269504088896341f + 0.5f;
+#ifdef __AVX512F__
+  const V n = (V)_mm512_roundscale_ps((__m512)y, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+#else
   V n = __builtin_convertvector(__builtin_convertvector(y, I), V);  // truncation...
   n = n > y ? n - 1.0f : n;                                         // ...to floor
+#endif
   V r = x - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
   V p = vsplat<float>(1.9875691500e-4f);
@@ -192,10 +196,14 @@ inline vec_t<float> vexp_neg(vec_t<float> x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
+#ifdef __AVX512F__
+  return (V)_mm512_scalef_ps((__m512)p, (__m512)n);  // p 2^n, exactly as the product below
+#else
   const I bits = (__builtin_convertvector(n, I) + 127) << 23;
   V scale;
   std::memcpy(&scale, &bits, sizeof scale);
   return p * scale;
+#endif
 }
 
 inline vec_t<double> vexp_neg(vec_t<double> x) {
@@ -203,8 +211,12 @@ inline vec_t<double> vexp_neg(vec_t<double> x) {
   typedef ivec_t<double> I;
   x = x < Lanes<double>::floor ? vsplat<double>(Lanes<double>::floor) : x;
   const V y = x * 1.4426950408889634 + 0.5;
+#ifdef __AVX512F__
+  const V n = (V)_mm512_roundscale_pd((__m512d)y, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+#else
   V n = __builtin_convertvector(__builtin_convertvector(y, I), V);
   n = n > y ? n - 1.0 : n;
+#endif
   V r = x - n * 0.6931471803691238;
   r = r - n * 1.9082149292705877e-10;
   V p = vsplat<double>(1.0 / 479001600.0);
@@ -219,10 +231,14 @@ inline vec_t<double> vexp_neg(vec_t<double> x) {
   p = p * r + 1.0 / 6.0;
   p = p * r + 0.5;
   p = p * r * r + r + 1.0;
+#ifdef __AVX512F__
+  return (V)_mm512_scalef_pd((__m512d)p, (__m512d)n);
+#else
   const I bits = (__builtin_convertvector(n, I) + 1023) << 52;
   V scale;
   std::memcpy(&scale, &bits, sizeof scale);
   return p * scale;
+#endif
 }
 
 struct Rect {
