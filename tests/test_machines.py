@@ -85,18 +85,19 @@ def triton_on_cpu(monkeypatch, image_chunk=2):
 
 # every enumeration of the Triton kernel: centres of R (els, bbELS interior), displacements of D
 # (ls, bbELS border lines and corners; bbELS with k >= the image size is all corner)
-TRITON_CASES = [("ls", 3), ("els", 3), ("bbels", 3), ("bbels", 5), ("bbels", 9)]
+TRITON_CASES = [("ls", 3), ("els", 3), ("bbels", 3), ("bbels", 5), ("bbels", 7)]
 
 
 @pytest.mark.parametrize("kind,k", TRITON_CASES)
 def test_triton_kernel_matches_loop_and_cpu_kernel(monkeypatch, kind, k):
     """float64 against the loop (1e-10), the dominant candidates equal to the C++ kernel's (a training
-    set with repeated images: ties must break alike), float32 close to the C++ kernel's float32."""
-    train = random_8bit_images(5, 2, 8, 7, seed=9)
+    set with repeated images: ties must break alike); at k = 3 float32 close to the C++ kernel's
+    float32 and n_eff alone equal to n_eff beside the sources."""
+    train = random_8bit_images(4, 2, 7, 6, seed=9)
     train[3] = train[1]  # equal logits: the first of them is the dominant candidate
-    x = random_images(2, 2, 8, 7, seed=10)
+    x = random_images(2, 2, 7, 6, seed=10)
     idx = els.PatchIndex.build(train, kind, k)
-    cpu64, cpu_prov = els.denoise(idx, x, 0.2, return_provenance=True)
+    _, cpu_prov = els.denoise(idx, x, 0.2, return_provenance=True)
     cpu32 = els.denoise(idx, x.float(), 0.6)
     triton_on_cpu(monkeypatch)
     got, prov = els.denoise(idx, x, 0.2, return_provenance=True)
@@ -105,15 +106,18 @@ def test_triton_kernel_matches_loop_and_cpu_kernel(monkeypatch, kind, k):
         assert torch.equal(getattr(prov, f), getattr(cpu_prov, f)), (kind, f)
     assert_close(prov.weight, cpu_prov.weight, rtol=1e-12)
     assert_close(prov.n_eff, cpu_prov.n_eff, rtol=1e-12)
-    light = els.denoise(idx, x, 0.2, return_provenance=True, provenance_sources=False)[1]
-    assert torch.equal(light.n_eff, prov.n_eff) and light.image is None
-    assert_close(els.denoise(idx, x.float(), 0.6).double(), cpu32.double(), rtol=2e-5)
+    if (
+        k == 3
+    ):  # both enumerations: float32 (IEEE tl.dot where the candidates are shared), n_eff alone
+        assert_close(els.denoise(idx, x.float(), 0.6).double(), cpu32.double(), rtol=2e-5)
+        light = els.denoise(idx, x, 0.2, return_provenance=True, provenance_sources=False)[1]
+        assert torch.equal(light.n_eff, prov.n_eff) and light.image is None
 
 
-@pytest.mark.parametrize("kind,k", [("els", 3), ("bbels", 5)])
+@pytest.mark.parametrize("kind,k", [("els", 3), ("bbels", 3)])
 def test_triton_float32_batch_is_bit_identical_to_single_images(monkeypatch, kind, k):
     triton_on_cpu(monkeypatch)
-    train = random_8bit_images(5, 1, 7, 7, seed=40)
+    train = random_8bit_images(4, 1, 7, 7, seed=40)
     x = random_images(3, 1, 7, 7, seed=41).float()
     idx = els.PatchIndex.build(train, kind, k)
     together = els.denoise(idx, x, 0.3, return_provenance=True)

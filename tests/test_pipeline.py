@@ -240,23 +240,6 @@ def test_rerun_does_nothing(tiny_run):
 BATCH_CASES = (("bbels", "0"), ("els", "1"), ("ideal", "1"))
 
 
-@pytest.mark.slow
-def test_batches_of_one_have_the_same_noise_and_nearly_the_same_samples(changeable_run):
-    """Seeds 0 and 1 sampled alone (batches seeds0-0, seeds1-1) against the seeds0-1 batch, float32
-    (the config's dtype): the same noise, the same samples to 1e-6."""
-    workdir, _ = changeable_run
-    bases = [f"results/samples/MNIST/{machine}/{cls}/batches" for machine, cls in BATCH_CASES]
-    snakemake(workdir, *(f"{base}/seeds{s}-{s}.safetensors" for base in bases for s in (0, 1)))
-    for base in bases:
-        pair, _ = read_safetensors(workdir / base / "seeds0-1.safetensors")
-        for seed in (0, 1):
-            alone, meta = read_safetensors(workdir / base / f"seeds{seed}-{seed}.safetensors")
-            assert json.loads(meta["seeds"]) == [seed]
-            assert torch.equal(alone["noise"][0], pair["noise"][seed])
-            assert (alone["image"][0] - pair["image"][seed]).abs().max() <= 1e-6
-    assert "Nothing to be done" in snakemake(workdir, "-n").output
-
-
 def _batch_difference(workdir: Path, machine: str, cls: str, dtype: torch.dtype) -> float:
     """max |sample alone - sample in a batch of two|, sampled as the sample_batch rule does."""
     import els
