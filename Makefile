@@ -16,8 +16,8 @@ LOCK_HINT := if [ -n "$$(ls -A .snakemake/locks 2>/dev/null)" ]; then echo; \
 
 # The virtual environment: CPU/CUDA torch from PyPI first (pinned), then this package with the
 # workflow and test tools (pyproject.toml's `dev` extra), then the CPU kernel compiled once into
-# ~/.cache/els (els/kernel.py; about 40 s; without a compiler it warns and
-# the library uses its torch path). Redone when pyproject.toml changes.
+# ~/.cache/els (els/kernel.py; about 30 s; without a compiler this step stops with an error naming
+# what to install). Redone when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
