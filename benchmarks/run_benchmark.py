@@ -7,7 +7,8 @@ compares runs made on the same machine under the same load.
   one exp per pair.
 - baseline (baseline.py): the straightforward exact bbELS (conv2d per query family, streaming softmax),
   per evaluation at the --baseline-ks.
-- exact: els.denoise / els.sample with a prebuilt PatchIndex.
+- exact: els.denoise / els.sample with a prebuilt PatchIndex; per evaluation also with provenance
+  (exact+n_eff: the effective number of candidates; exact+sources: and each pixel's dominant one).
 
 Writes OUT/NAME_evals.csv (per evaluation: k, t, batch, mode, seconds, per image, ratio to the
 baseline, max abs diff to the baseline, peak memory) and OUT/NAME_samples.csv (per full sample:
@@ -160,6 +161,17 @@ def run(args):
                 ev.row(k=k, t=t, batch=B, mode="exact", seconds=sec, per_image_s=sec / B,
                        ratio_to_baseline=ratio, max_abs_diff_vs_baseline=diff,
                        peak_memory_gb=mem)  # fmt: skip
+                # what provenance costs: n_eff alone (every step of a sample) and with the
+                # dominant candidates (a sample's last step)
+                for mode, sources in (("exact+n_eff", False), ("exact+sources", True)):
+                    _, psec, pmem = timed(
+                        lambda x=x, t=t, k=k, s=sources: els.denoise(
+                            index, x, t, k, return_provenance=True, provenance_sources=s
+                        )
+                    )
+                    ev.row(k=k, t=t, batch=B, mode=mode, seconds=psec, per_image_s=psec / B,
+                           ratio_to_baseline=base_per_image / (psec / B) if base_per_image else "",
+                           max_abs_diff_vs_baseline="", peak_memory_gb=pmem)  # fmt: skip
     if args.samples:
         yard = yardstick_seconds(train)
         print(f"yardstick: {yard:.1f} s (k=3 + k=17 brute-force interior evaluations)", flush=True)

@@ -68,7 +68,7 @@ def test_benchmark_runs_every_section_and_writes_its_tables(tmp_path, tiny_fashi
     ]
     run_benchmark.main([*args, "--batches", "1,2", "--sample-batches", "1,2", "--out", str(out)])
     evals = pd.read_csv(out / "full_evals.csv")
-    assert set(evals["mode"]) == {"baseline", "exact"}
+    assert set(evals["mode"]) == {"baseline", "exact", "exact+n_eff", "exact+sources"}
     exact17 = evals[(evals["k"] == 17) & (evals["mode"] == "exact") & (evals["batch"] == 1)]
     assert exact17["max_abs_diff_vs_baseline"].item() < 1e-4  # the same machine
     samples = pd.read_csv(out / "full_samples.csv")
