@@ -19,8 +19,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import els  # noqa: E402
-from benchmarks.run_benchmark import FASHION_RESNET, Writer  # noqa: E402
-from els.data import load_prepared  # noqa: E402
+from benchmarks.run_benchmark import (  # noqa: E402
+    FASHION_RESNET,
+    Writer,
+    class_arguments,
+    load_class,
+)
 
 
 def device_name(device: torch.device) -> str:
@@ -36,13 +40,9 @@ def synchronize(device: torch.device) -> None:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--data", default="results/data/FashionMNIST/train.safetensors")
-    p.add_argument("--cls", type=int, default=3)
-    p.add_argument("--n-train", type=int, default=None, help="training images (default: all)")
+    class_arguments(p)
     p.add_argument("--batches", default="1,8")
     p.add_argument("--device", default="cuda")
-    p.add_argument("--out", default="results/benchmarks")
-    p.add_argument("--name", default="full")
     args = p.parse_args(argv)
     with torch.no_grad():
         run(args)
@@ -52,9 +52,7 @@ def run(args):
     import triton
 
     device = torch.device(args.device)
-    train, _ = load_prepared(args.data, cls=args.cls)
-    if args.n_train:
-        train = train[: args.n_train]
+    train = load_class(args)
     index = els.PatchIndex.build(train, "bbels", els.schedule_patch_sizes("bbels", FASHION_RESNET))
     batches = [int(b) for b in args.batches.split(",") if b]
     noise = torch.randn(max(batches), *train.shape[1:], generator=torch.Generator().manual_seed(1))

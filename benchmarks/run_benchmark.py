@@ -86,19 +86,30 @@ class Writer:
         print("  ".join(f"{k}={v}" for k, v in values.items()), flush=True)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def class_arguments(p: argparse.ArgumentParser) -> None:
+    """--data (the pipeline's prepared file), --cls, --n-train, --out and --name."""
     p.add_argument("--data", default="results/data/FashionMNIST/train.safetensors")
     p.add_argument("--cls", type=int, default=3)
     p.add_argument("--n-train", type=int, default=None, help="training images (default: all)")
+    p.add_argument("--out", default="results/benchmarks")
+    p.add_argument("--name", default="full")
+
+
+def load_class(args) -> torch.Tensor:
+    """The class's training images (uint8 [N, C, H, W]), the first --n-train of them if given."""
+    train, _ = load_prepared(args.data, cls=args.cls)
+    return train[: args.n_train] if args.n_train else train
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    class_arguments(p)
     p.add_argument("--ks", default="3,11,17", help="patch sizes of the per-evaluation rows")
     p.add_argument("--baseline-ks", default="11,17", help="where the baseline runs per evaluation")
     p.add_argument("--batches", default="1,8")
     p.add_argument("--sample-batches", default="1,8")
     p.add_argument("--evals", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--samples", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--out", default="results/benchmarks")
-    p.add_argument("--name", default="full")
     args = p.parse_args(argv)
     with torch.no_grad():
         run(args)
@@ -106,9 +117,7 @@ def main(argv=None):
 
 def run(args):
     out = Path(args.out)
-    train, _ = load_prepared(args.data, cls=args.cls)
-    if args.n_train:
-        train = train[: args.n_train]
+    train = load_class(args)
     N = train.shape[0]
     ks = [int(k) for k in args.ks.split(",") if k]
     base_ks = {int(k) for k in args.baseline_ks.split(",") if k}
