@@ -39,6 +39,14 @@ from els.schedule import noise_scale, signal_scale  # noqa: E402
 
 FASHION_RESNET = [3, 3, 5, 5, 7, 7, 9, 9, 9, 11, 11, 11, 13, 13, 13, 15, 15, 15, 17, 17]
 
+# the evaluation rows: without provenance; with n_eff alone (every step of a sample with
+# provenance); with n_eff and each pixel's dominant candidate (such a sample's last step)
+EVAL_MODES = {
+    "exact": {},
+    "exact+n_eff": {"return_provenance": True, "provenance_sources": False},
+    "exact+sources": {"return_provenance": True},
+}
+
 
 class PeakMemory:
     """Peak resident memory (bytes) of this process while the block runs, polled every 5 ms."""
@@ -153,7 +161,6 @@ def run(args):
             for B in (int(b) for b in args.batches.split(",")):
                 x = x_all[:B]
                 els.denoise(index, x, t, k)  # norms for this k
-                m, sec, mem = timed(lambda x=x, t=t, k=k: els.denoise(index, x, t, k))
                 base = None
                 if k in base_ks and B == 1:
                     base, base_sec, base_mem = timed(
@@ -165,22 +172,16 @@ def run(args):
                     base_per_image = base_sec / B
                 elif k not in base_ks:
                     base_per_image = None
-                diff = (m - base).abs().max().item() if base is not None else ""
-                ratio = base_per_image / (sec / B) if base_per_image else ""
-                ev.row(k=k, t=t, batch=B, mode="exact", seconds=sec, per_image_s=sec / B,
-                       ratio_to_baseline=ratio, max_abs_diff_vs_baseline=diff,
-                       peak_memory_gb=mem)  # fmt: skip
-                # what provenance costs: n_eff alone (every step of a sample) and with the
-                # dominant candidates (a sample's last step)
-                for mode, sources in (("exact+n_eff", False), ("exact+sources", True)):
-                    _, psec, pmem = timed(
-                        lambda x=x, t=t, k=k, s=sources: els.denoise(
-                            index, x, t, k, return_provenance=True, provenance_sources=s
-                        )
+                for mode, options in EVAL_MODES.items():
+                    result, sec, mem = timed(
+                        lambda x=x, t=t, k=k, o=options: els.denoise(index, x, t, k, **o)
                     )
-                    ev.row(k=k, t=t, batch=B, mode=mode, seconds=psec, per_image_s=psec / B,
-                           ratio_to_baseline=base_per_image / (psec / B) if base_per_image else "",
-                           max_abs_diff_vs_baseline="", peak_memory_gb=pmem)  # fmt: skip
+                    m = result[0] if options else result
+                    diff = (m - base).abs().max().item() if base is not None else ""
+                    ratio = base_per_image / (sec / B) if base_per_image else ""
+                    ev.row(k=k, t=t, batch=B, mode=mode, seconds=sec, per_image_s=sec / B,
+                           ratio_to_baseline=ratio, max_abs_diff_vs_baseline=diff,
+                           peak_memory_gb=mem)  # fmt: skip
     if args.samples:
         yard = yardstick_seconds(train)
         print(f"yardstick: {yard:.1f} s (k=3 + k=17 brute-force interior evaluations)", flush=True)
