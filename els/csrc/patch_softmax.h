@@ -484,6 +484,10 @@ void run_item(const Inputs<T>& in, int64_t b, const Block& blk, int64_t j0, int6
           }
           if (!any_lane<T>(top > mq - skip)) continue;  // every weight below e^-skip: see skip_below
           V sum = vload(sum_q);
+          // n_eff's sum of squared weights in a register too: in memory, each folded vector would
+          // wait for the store of the one before
+          T* sq_q = sq.data() + (STATS >= kNeff ? q * VL : 0);
+          V sq_reg = STATS >= kNeff ? vload(sq_q) : V{};
           V acc_reg[NC > 0 ? NC : 1];
           for (int ch = 0; ch < NC; ++ch) acc_reg[ch] = vload(acq + ch * VL);
           for (int64_t v = 0; v < nv; ++v) {
@@ -499,10 +503,7 @@ void run_item(const Inputs<T>& in, int64_t b, const Block& blk, int64_t j0, int6
               for (int64_t ch = 0; ch < C; ++ch)
                 vstore(acq + ch * VL, vload(acq + ch * VL) + w * vload(yc + ch * in.Hy * in.Wy));
             }
-            if (STATS >= kNeff) {
-              T* s2 = sq.data() + q * VL;
-              vstore(s2, vload(s2) + w * w);
-            }
+            if (STATS >= kNeff) sq_reg += w * w;
             if (STATS >= kSources) {
               // the lane's first largest logit and its candidate (lanes past the row hold -inf)
               T* bvq = bv.data() + q * VL;
@@ -517,6 +518,7 @@ void run_item(const Inputs<T>& in, int64_t b, const Block& blk, int64_t j0, int6
             }
           }
           for (int ch = 0; ch < NC; ++ch) vstore(acq + ch * VL, acc_reg[ch]);
+          if (STATS >= kNeff) vstore(sq_q, sq_reg);
           vstore(sum_q, sum);
         }
       }
