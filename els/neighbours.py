@@ -46,6 +46,30 @@ def l2_distances(
     return out
 
 
+def _class_members(labels: torch.Tensor, cls: int) -> torch.Tensor:
+    members = (labels == int(cls)).nonzero().squeeze(1)
+    if members.numel() == 0:
+        raise ValueError(f"no training image has class {cls}")
+    return members
+
+
+def _nearest_of(
+    distances: torch.Tensor, candidates: torch.Tensor, labels: torch.Tensor
+) -> Neighbour:
+    best = int(torch.argmin(distances))  # first minimum: the lowest index
+    index = int(candidates[best])
+    return Neighbour(index=index, label=int(labels[index]), distance=float(distances[best]))
+
+
+def _checked_labels(train_images_uint8: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    labels = labels.cpu()
+    if labels.shape != train_images_uint8.shape[:1]:
+        raise ValueError(f"{labels.shape[0]} labels for {train_images_uint8.shape[0]} images")
+    if labels.numel() == 0:
+        raise ValueError("the training set is empty")
+    return labels
+
+
 def nearest_train_image(
     sample: torch.Tensor,
     train_images_uint8: torch.Tensor,
@@ -56,22 +80,27 @@ def nearest_train_image(
 
     The index is always into the whole training set given (dataset order), whatever `cls` is.
     """
-    labels = labels.cpu()
-    if labels.shape != train_images_uint8.shape[:1]:
-        raise ValueError(f"{labels.shape[0]} labels for {train_images_uint8.shape[0]} images")
+    labels = _checked_labels(train_images_uint8, labels)
     if cls is None:
-        candidates = torch.arange(labels.shape[0])
+        candidates, images = torch.arange(labels.shape[0]), train_images_uint8
     else:
-        candidates = (labels == int(cls)).nonzero().squeeze(1)
-        if candidates.numel() == 0:
-            raise ValueError(f"no training image has class {cls}")
-    if candidates.numel() == 0:
-        raise ValueError("the training set is empty")
-    images = train_images_uint8 if cls is None else train_images_uint8[candidates]
-    distances = l2_distances(sample, images)
-    best = int(torch.argmin(distances))  # first minimum: the lowest index
-    index = int(candidates[best])
-    return Neighbour(index=index, label=int(labels[index]), distance=float(distances[best]))
+        candidates = _class_members(labels, cls)
+        images = train_images_uint8[candidates]
+    return _nearest_of(l2_distances(sample, images), candidates, labels)
+
+
+def nearest_overall_and_in_class(
+    sample: torch.Tensor, train_images_uint8: torch.Tensor, labels: torch.Tensor, cls: int | None
+) -> tuple[Neighbour, Neighbour]:
+    """nearest_train_image over the whole set and within class `cls` (the same one for cls=None)
+    from one pass of distances."""
+    labels = _checked_labels(train_images_uint8, labels)
+    distances = l2_distances(sample, train_images_uint8)
+    overall = _nearest_of(distances, torch.arange(labels.shape[0]), labels)
+    if cls is None:
+        return overall, overall
+    members = _class_members(labels, cls)
+    return overall, _nearest_of(distances[members], members, labels)
 
 
 def training_subset(

@@ -21,7 +21,7 @@ from .figures import (
     trajectory_figure,
 )
 from .io import read_safetensors, write_json, write_png, write_safetensors, write_sample
-from .neighbours import nearest_train_image, training_subset
+from .neighbours import nearest_overall_and_in_class, training_subset
 from .provenance import mosaic_summary
 
 PROVENANCE_NAMES = ("source_image", "source_row", "source_col", "source_weight", "n_eff")
@@ -101,8 +101,7 @@ def write_neighbours(
     """The nearest training image over the whole set and within the class (JSON record + the two
     images); returns the record."""
     cls = key.class_id
-    overall = nearest_train_image(image, train, labels)
-    in_class = overall if cls is None else nearest_train_image(image, train, labels, cls)
+    overall, in_class = nearest_overall_and_in_class(image, train, labels, cls)
     # was the in-class neighbour among the images the machine was built from?
     used = training_subset(labels, cls, max_train_per_class)
     record = {

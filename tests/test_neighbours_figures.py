@@ -27,7 +27,12 @@ from els.config import (
 )
 from els.index import to_float
 from els.io import read_json, read_sample, to_uint8, write_json, write_png, write_sample
-from els.neighbours import l2_distances, nearest_train_image, training_subset
+from els.neighbours import (
+    l2_distances,
+    nearest_overall_and_in_class,
+    nearest_train_image,
+    training_subset,
+)
 from els.noise import noise_for, noise_key, noise_seed
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,6 +92,9 @@ def test_nearest_matches_brute_force_and_indexes_the_whole_set():
         in_class = nearest_train_image(sample, images, labels, cls=cls)
         assert (in_class.index, in_class.label) == (best, cls)
         assert in_class.distance == pytest.approx(brute[best], rel=1e-12)
+        # one pass of distances gives the same two neighbours
+        assert nearest_overall_and_in_class(sample, images, labels, cls) == (nn, in_class)
+    assert nearest_overall_and_in_class(sample, images, labels, None) == (nn, nn)
     assert torch.allclose(
         l2_distances(sample, images, chunk=7), torch.tensor(brute, dtype=torch.float64)
     )
@@ -97,6 +105,10 @@ def test_a_training_image_is_its_own_neighbour_and_ties_go_to_the_lowest_index()
     images[17] = images[5]  # a duplicate: both at distance 0
     nn = nearest_train_image(to_float(images[17], torch.float32), images, labels)
     assert nn.index == 5 and nn.distance == pytest.approx(0.0, abs=1e-6)
+    cls = int(labels[5])
+    images[[i for i in range(len(labels)) if labels[i] == cls][-1]] = images[5]
+    in_class = nearest_overall_and_in_class(to_float(images[5], torch.float32), images, labels, cls)
+    assert in_class[1].index == 5 and in_class[0].index == 5
 
 
 def test_neighbour_errors():
