@@ -47,8 +47,11 @@ dry-run: setup
 unlock: setup
 	$(SNAKEMAKE) --configfile $(CONFIG) --unlock
 
+# pytest-xdist: one worker per core; the workflow tests are chains of short jobs that leave a core
+# mostly idle, so test files run side by side (each file, or each group of files sharing one tiny
+# workflow run, on one worker: tests/conftest.py)
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto
 
 lint: setup
 	$(PY) -m ruff check .
