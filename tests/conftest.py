@@ -29,6 +29,7 @@ def xdist_unit(nodeid: str) -> str:
     return _GROUP_OF.get(Path(path).stem, path)
 
 
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: `pytest -p no:xdist` runs without it
 def pytest_xdist_make_scheduler(config, log):
     from xdist.scheduler import LoadScopeScheduling
 
