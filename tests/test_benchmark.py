@@ -24,7 +24,13 @@ from els import data
 from els.index import to_float
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks import cnn_limits, gpu_benchmark, run_benchmark, zoo_benchmark  # noqa: E402
+from benchmarks import (  # noqa: E402
+    cnn_limits,
+    gpu_benchmark,
+    run_benchmark,
+    workflow_jobs,
+    zoo_benchmark,
+)
 from benchmarks.yardstick import interior_evaluation  # noqa: E402
 
 
@@ -147,3 +153,27 @@ def test_cnn_limits_trains_the_variants_and_writes_r2_per_model_and_seed(
     assert (table.loc[table["model"] != "resnet32x6_zeros (shipped)", "train_steps"] == 2).all()
     for column in ("r2_bbels", "r2_ideal"):
         assert table[column].between(0.0, 1.0).all()
+
+
+def test_workflow_jobs_sums_the_benchmark_files_per_rule_and_machine(tmp_path):
+    header = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+    jobs = {
+        "sample_batch/MNIST/bbels/0/seeds0-1.tsv": (10.0, 9.0),
+        "sample_batch/MNIST/bbels/1/seeds0-1.tsv": (20.0, 18.0),
+        "sample_batch/MNIST/ideal/0/seeds0-1.tsv": (2.0, 1.5),
+        "summary/summary.tsv": (1.0, 0.5),
+    }
+    for name, (wall, cpu) in jobs.items():
+        path = tmp_path / "benchmarks" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(header + f"{wall}\t0:00:{wall}\t1\t1\t1\t1\t0\t0\t90\t{cpu}\n")
+    out = tmp_path / "jobs.csv"
+    workflow_jobs.main([str(tmp_path / "benchmarks"), str(out)])
+    table = pd.read_csv(out, keep_default_na=False).set_index(["rule", "machine"])
+    assert table.loc[("sample_batch", "bbels")].tolist() == [2, 30.0, 27.0, 0.909]
+    assert table.loc[("sample_batch", "ideal")].tolist() == [1, 2.0, 1.5, 0.061]
+    assert table.loc[("summary", "")].tolist() == [1, 1.0, 0.5, 0.03]
+    assert table.loc[("total", "")].tolist() == [4, 33.0, 29.0, 1.0]
+    assert list(table.index)[0] == ("sample_batch", "bbels")  # the longest first
+    with pytest.raises(SystemExit, match="no Snakemake benchmark files"):
+        workflow_jobs.main([str(tmp_path / "empty"), str(out)])
