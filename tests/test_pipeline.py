@@ -3,8 +3,8 @@
 The tiny dataset is MNIST-format IDX files written by tests/data_factory.py (two classes of bar
 images, 28x28, resized to 32x32 by the data rule); the machines use the first 6 images of each class
 and a 4-step schedule. The module runs the workflow once and then checks every output, a no-op rerun,
-batching, a schedule change and an added seed. One more test runs the chain on the real FashionMNIST
-copy (Debian's dataset-fashion-mnist).
+batching, a schedule change and an added seed. The chain on the real FashionMNIST copy (Debian's
+dataset-fashion-mnist) is tests/test_shipped_model.py's end-to-end run of the default config.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from data_factory import write_schedule
 from PIL import Image
 from tiny_workflow import (
     FULL_COMPARISON,
@@ -37,8 +36,6 @@ from tiny_workflow import (
 from els.data import load_prepared
 from els.index import to_float
 from els.io import read_json, read_safetensors, read_sample
-
-REAL_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 SUMMARY_COLUMNS = [
     "dataset",
@@ -329,52 +326,6 @@ def test_adding_a_seed_runs_exactly_the_new_jobs(changeable_run):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    not (REAL_FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file(),
-    reason=f"no FashionMNIST at {REAL_FASHION_MNIST} (apt-get install dataset-fashion-mnist)",
-)
-def test_real_fashion_mnist_through_the_workflow(tmp_path):
-    """The data rule on the real copy: 60000 images, 6000 per class, 8-bit levels in [-1, 1]; then
-    one bbELS sample of class 7 from its first 20 images with a 4-step schedule."""
-    write_schedule(tmp_path / "scales" / "tiny.txt", [3, 3, 5, 7])
-    config = {
-        "datasets": {
-            "FashionMNIST": {
-                "classes": [7],
-                "max_train_per_class": 20,
-                "seeds": [0],
-                "machines": ["bbels"],
-                "schedules": {"bbels": "scales/tiny.txt"},
-            }
-        },
-        "data": {
-            "local_dirs": [str(REAL_FASHION_MNIST)],
-            "allow_download": False,
-            "allow_apt": False,
-        },
-        "sampling": {"device": "cpu", "batch_seeds": 1, "trajectory": False},
-    }
-    write_config(tmp_path, config)
-    snakemake(tmp_path)
-    prepared = tmp_path / "results" / "data" / "FashionMNIST" / "train.safetensors"
-    images, labels = load_prepared(prepared)
-    assert images.shape == (60000, 1, 32, 32) and images.dtype == torch.uint8
-    assert torch.bincount(labels).tolist() == [6000] * 10
-    meta = read_json(prepared.with_name("meta.json"))
-    assert meta["images_per_class"] == {str(c): 6000 for c in range(10)}
-    assert meta["class_names"][7] == "Sneaker" and meta["source"].startswith("local:")
-    values = to_float(images[:2000], torch.float64)
-    assert values.min() >= -1 and values.max() <= 1
-    levels = (values + 1) * 127.5
-    assert torch.allclose(levels, levels.round(), atol=1e-9)  # 8-bit levels
-    assert len(torch.unique(levels)) == 256
-    table = pd.read_csv(tmp_path / "results" / "summary.csv")
-    assert len(table) == 1 and table.loc[0, "n_train"] == 20 and table.loc[0, "class"] == 7
-    sample = read_sample(tmp_path / table.loc[0, "sample_path"])
-    assert sample.trajectory_x is None and sample.k == [7, 5, 3]
-    assert not (tmp_path / "results" / "figures" / "FashionMNIST" / "trajectories").exists()
-
-
 # ----------------------------------------------------------------------------- lint
 
 

@@ -160,9 +160,15 @@ def test_shipped_provenance_is_plain_json():
 )
 def test_the_default_config_compares_the_shipped_cnn_end_to_end(tmp_path):
     """config.yaml's cnn: section through the Snakefile on a subset (class 3, 2 seeds, 32 training
-    images, no machine comparison): no training, the CNN sampled from the machines' noise, and
-    r2.csv with one row per seed and both r^2 and R^2 of each compared machine in [-1, 1]."""
+    images, no machine comparison): the data rule on the real copy (60000 images, 6000 per class,
+    8-bit levels in [-1, 1]); no training, the CNN sampled from the machines' noise, and r2.csv with
+    one row per seed and both r^2 and R^2 of each compared machine in [-1, 1]."""
+    import pandas as pd
     from tiny_workflow import run_snakemake, write_config
+
+    from els.data import load_prepared
+    from els.index import to_float
+    from els.io import read_json
 
     config = yaml.safe_load((ROOT / "config.yaml").read_text())
     dataset = config["datasets"]["FashionMNIST"]
@@ -183,6 +189,23 @@ def test_the_default_config_compares_the_shipped_cnn_end_to_end(tmp_path):
     write_config(tmp_path, config)
     run = run_snakemake(tmp_path, "--cores", "2", timeout=1200)
     assert "rule train_cnn:" not in run.output and "rule calibrate_schedule:" not in run.output
+    prepared = tmp_path / "results" / "data" / "FashionMNIST" / "train.safetensors"
+    images, labels = load_prepared(prepared)
+    assert images.shape == (60000, 1, 32, 32) and images.dtype == torch.uint8
+    assert torch.bincount(labels).tolist() == [6000] * 10
+    meta = read_json(prepared.with_name("meta.json"))
+    assert meta["images_per_class"] == {str(c): 6000 for c in range(10)}
+    assert meta["class_names"][3] == "Dress" and meta["source"].startswith("local:")
+    values = to_float(images[:2000], torch.float64)
+    assert values.min() >= -1 and values.max() <= 1
+    levels = (values + 1) * 127.5
+    assert torch.allclose(levels, levels.round(), atol=1e-9)  # 8-bit levels
+    assert len(torch.unique(levels)) == 256
+    table = pd.read_csv(tmp_path / "results" / "summary.csv")
+    assert sorted(zip(table.machine, table.seed, strict=True)) == [
+        (m, s) for m in ("bbels", "ideal") for s in (0, 1)
+    ]
+    assert (table.n_train == 32).all() and (table["class"] == 3).all()
     out = tmp_path / "results" / "cnn" / "FashionMNIST" / name
     with (out / "r2.csv").open() as f:
         rows = list(csv.DictReader(f))
