@@ -281,7 +281,9 @@ def shared_root(tmp_path_factory) -> Path:
 
 
 def reference_run(tmp_path_factory) -> Run:
-    """The tiny workflow run once per session, locally with --cores 2, audited."""
+    """The tiny workflow run once per session, locally with --cores 2, audited. (The files that
+    read it are conftest.py's SHARED_RUNS["reference_run"], so that pytest-xdist runs them on one
+    worker and the run is made once.)"""
     if "run" not in _REFERENCE:
         root = shared_root(tmp_path_factory)
         workdir = make_workdir(root / "reference", tiny_config(root / "images"))
@@ -343,8 +345,8 @@ def full_config(local_dir: Path, **sampling) -> dict:
 
 def full_run(tmp_path_factory) -> tuple[Path, dict, str]:
     """The full tiny run and its report, once per session (tests/test_pipeline.py, test_report.py,
-    test_zoo_pipeline.py read it; a test that changes a workdir works on a copy_of it):
-    (workdir, config, the runs' output)."""
+    test_zoo_pipeline.py read it: conftest.py's SHARED_RUNS["full_run"]; a test that changes a
+    workdir works on a copy_of it): (workdir, config, the runs' output)."""
     if "full" not in _REFERENCE:
         from data_factory import write_idx_dataset, write_schedule
 
