@@ -48,13 +48,6 @@ def l2_distances(
     return out
 
 
-def _class_members(labels: torch.Tensor, cls: int) -> torch.Tensor:
-    members = (labels == int(cls)).nonzero().squeeze(1)
-    if members.numel() == 0:
-        raise ValueError(f"no training image has class {cls}")
-    return members
-
-
 def _nearest_of(
     distances: torch.Tensor, candidates: torch.Tensor, labels: torch.Tensor
 ) -> Neighbour:
@@ -63,45 +56,24 @@ def _nearest_of(
     return Neighbour(index=index, label=int(labels[index]), distance=float(distances[best]))
 
 
-def _checked_labels(train_images_uint8: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def nearest_overall_and_in_class(
+    sample: torch.Tensor, train_images_uint8: torch.Tensor, labels: torch.Tensor, cls: int | None
+) -> tuple[Neighbour, Neighbour]:
+    """The training image nearest to `sample` in the whole set, and the nearest among class `cls`'s
+    images (the same one for cls=None), from one pass of distances. Indices are into the whole
+    training set given (dataset order)."""
     labels = labels.cpu()
     if labels.shape != train_images_uint8.shape[:1]:
         raise ValueError(f"{labels.shape[0]} labels for {train_images_uint8.shape[0]} images")
     if labels.numel() == 0:
         raise ValueError("the training set is empty")
-    return labels
-
-
-def nearest_train_image(
-    sample: torch.Tensor,
-    train_images_uint8: torch.Tensor,
-    labels: torch.Tensor,
-    cls: int | None = None,
-) -> Neighbour:
-    """The training image nearest to `sample`; with `cls`, the nearest among that class's images.
-
-    The index is always into the whole training set given (dataset order), whatever `cls` is.
-    """
-    labels = _checked_labels(train_images_uint8, labels)
-    if cls is None:
-        candidates, images = torch.arange(labels.shape[0]), train_images_uint8
-    else:
-        candidates = _class_members(labels, cls)
-        images = train_images_uint8[candidates]
-    return _nearest_of(l2_distances(sample, images), candidates, labels)
-
-
-def nearest_overall_and_in_class(
-    sample: torch.Tensor, train_images_uint8: torch.Tensor, labels: torch.Tensor, cls: int | None
-) -> tuple[Neighbour, Neighbour]:
-    """nearest_train_image over the whole set and within class `cls` (the same one for cls=None)
-    from one pass of distances."""
-    labels = _checked_labels(train_images_uint8, labels)
     distances = l2_distances(sample, train_images_uint8)
     overall = _nearest_of(distances, torch.arange(labels.shape[0]), labels)
     if cls is None:
         return overall, overall
-    members = _class_members(labels, cls)
+    members = (labels == int(cls)).nonzero().squeeze(1)
+    if members.numel() == 0:
+        raise ValueError(f"no training image has class {cls}")
     return overall, _nearest_of(distances[members], members, labels)
 
 

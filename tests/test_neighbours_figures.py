@@ -27,12 +27,7 @@ from els.config import (
 )
 from els.index import to_float
 from els.io import read_json, read_sample, to_uint8, write_json, write_png, write_sample
-from els.neighbours import (
-    l2_distances,
-    nearest_overall_and_in_class,
-    nearest_train_image,
-    training_subset,
-)
+from els.neighbours import l2_distances, nearest_overall_and_in_class, training_subset
 from els.noise import noise_for, noise_key, noise_seed
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,18 +78,17 @@ def test_nearest_matches_brute_force_and_indexes_the_whole_set():
     images, labels = _train()
     sample = torch.rand(1, 6, 6) * 2 - 1
     brute = [float((to_float(im, torch.float64) - sample.double()).norm()) for im in images]
-    nn = nearest_train_image(sample, images, labels)
+    nn, same = nearest_overall_and_in_class(sample, images, labels, None)
     assert nn.index == int(np.argmin(brute)) and nn.label == int(labels[nn.index])
     assert nn.distance == pytest.approx(min(brute), rel=1e-12)
+    assert same == nn  # no class: the in-class neighbour is the overall one
     for cls in range(3):
         members = [i for i in range(len(labels)) if labels[i] == cls]
         best = min(members, key=lambda i: brute[i])
-        in_class = nearest_train_image(sample, images, labels, cls=cls)
+        overall, in_class = nearest_overall_and_in_class(sample, images, labels, cls)
+        assert overall == nn
         assert (in_class.index, in_class.label) == (best, cls)
         assert in_class.distance == pytest.approx(brute[best], rel=1e-12)
-        # one pass of distances gives the same two neighbours
-        assert nearest_overall_and_in_class(sample, images, labels, cls) == (nn, in_class)
-    assert nearest_overall_and_in_class(sample, images, labels, None) == (nn, nn)
     assert torch.allclose(
         l2_distances(sample, images, chunk=7), torch.tensor(brute, dtype=torch.float64)
     )
@@ -103,7 +97,7 @@ def test_nearest_matches_brute_force_and_indexes_the_whole_set():
 def test_a_training_image_is_its_own_neighbour_and_ties_go_to_the_lowest_index():
     images, labels = _train(c=3)
     images[17] = images[5]  # a duplicate: both at distance 0
-    nn = nearest_train_image(to_float(images[17], torch.float32), images, labels)
+    nn, _ = nearest_overall_and_in_class(to_float(images[17], torch.float32), images, labels, None)
     assert nn.index == 5 and nn.distance == pytest.approx(0.0, abs=1e-6)
     cls = int(labels[5])
     images[[i for i in range(len(labels)) if labels[i] == cls][-1]] = images[5]
@@ -114,9 +108,11 @@ def test_a_training_image_is_its_own_neighbour_and_ties_go_to_the_lowest_index()
 def test_neighbour_errors():
     images, labels = _train()
     with pytest.raises(ValueError, match="no training image has class 7"):
-        nearest_train_image(torch.zeros(1, 6, 6), images, labels, cls=7)
+        nearest_overall_and_in_class(torch.zeros(1, 6, 6), images, labels, 7)
     with pytest.raises(ValueError, match="do not match"):
-        nearest_train_image(torch.zeros(3, 6, 6), images, labels)
+        nearest_overall_and_in_class(torch.zeros(3, 6, 6), images, labels, None)
+    with pytest.raises(ValueError, match="2 labels for 40 images"):
+        nearest_overall_and_in_class(torch.zeros(1, 6, 6), images, labels[:2], None)
 
 
 def test_training_subset_is_the_first_images_of_each_class():
